@@ -1,0 +1,260 @@
+"""The command line: a thin layer over the Python API.
+
+    autoglm-compile MODEL [--target T] [-o OUT]     (short for: autoglm-compile compile MODEL ...)
+    autoglm-compile run ARTIFACT [--input NAME=FILE.npy] [--check]
+    autoglm-compile targets | passes | doctor
+
+Exit codes: 0 ok, 1 internal error (traceback), 2 usage or input error, 3 accuracy check failed, 4 budget failed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import CompileError, ExitCode
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compile ONNX and PyTorch models ahead of time with TVM, verified against ONNX Runtime.")
+err = Console(stderr=True)
+COMMANDS = ("compile", "run", "targets", "passes", "doctor")
+
+
+def fail(e: CompileError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    if e.hint:
+        err.print(f"Hint: {e.hint}", highlight=False, soft_wrap=True)
+    return typer.Exit(int(e.exit_code))
+
+
+class RichProgress:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.quiet:
+            yield
+            return
+        with err.status(f"[bold]{name}[/]…", spinner="dots"):
+            yield
+        err.print(f"[green]✓[/] {name}", highlight=False)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            err.print(f"  [dim]{text}[/]", highlight=False)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: str = typer.Argument(..., help="an .onnx file, a .pt2, a TorchScript file, or package.module:factory"),
+    target: str = typer.Option("host", "--target", "-t", help="target name, alias or YAML path (see 'targets')"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact folder [default: build/<model name>]"),
+    opt_level: int = typer.Option(2, "-O", min=0, max=3, help="preset configs/O<N>.yaml"),
+    config: Optional[Path] = typer.Option(None, "--config", help="pipeline YAML (may 'extends: O2')"),
+    dump_config: bool = typer.Option(False, "--dump-config", help="print the resolved config and exit"),
+    input_shape: List[str] = typer.Option([], "--input-shape", "-s", help="NAME=1x3x224x224[:dtype]; repeatable"),
+    dim: List[str] = typer.Option([], "--dim", help="value for a symbolic dim by name, e.g. batch=1; repeatable"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow full unpickling of a PyTorch file"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="state_dict for a module:factory model (loaded with weights_only=True)"),
+    archive: bool = typer.Option(False, "--archive", help="also write <output>.tar.gz"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random verification inputs"),
+    runs: Optional[int] = typer.Option(None, "--runs", min=1, help="timed runs"),
+    verify_each_pass: bool = typer.Option(False, "--verify-each-pass", help="check outputs under ONNX Runtime after every pass"),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="budget on p50 latency (exit 4)"),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="budget on max abs error (exit 4)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no table"),
+) -> None:
+    """Compile MODEL for a target into a verified artifact and print the report."""
+    from .pipeline import CompileOptions, compile_model, resolve_config
+    from .report import print_report
+
+    opts = CompileOptions(
+        source=model, target=target, output=output, preset=f"O{opt_level}", config_path=config,
+        input_shapes=list(input_shape), dims=list(dim), trust_pickle=trust_pickle, weights=weights, archive=archive,
+        seed=seed, runs=runs, verify_each_pass=verify_each_pass, max_latency_ms=max_latency_ms, max_error=max_error,
+    )
+    try:
+        if dump_config:
+            import yaml
+
+            typer.echo(yaml.safe_dump(resolve_config(opts).model_dump(), sort_keys=False))
+            return
+        report = compile_model(opts, RichProgress(quiet or as_json))
+        code = 0
+    except CompileError as e:
+        report = getattr(e, "report", None)
+        if report is not None and e.exit_code in (ExitCode.ACCURACY, ExitCode.BUDGET) and not quiet:
+            _show(report, as_json)
+        raise fail(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: no artifact was written")
+        raise typer.Exit(130)
+    if not quiet or as_json:
+        _show(report, as_json)
+    if not as_json and not quiet:
+        err.print(f"artifact: [bold]{opts.resolved_output()}[/]", highlight=False)
+    raise typer.Exit(code)
+
+
+def _show(report, as_json: bool) -> None:
+    from .report import print_report
+
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        print_report(report, err)
+
+
+@app.command("run")
+def run_cmd(
+    artifact: Path = typer.Argument(..., help="an artifact folder written by autoglm-compile"),
+    input: List[str] = typer.Option([], "--input", "-i", help="NAME=FILE.npy, or FILE.npz with arrays by name; repeatable"),
+    save: Optional[Path] = typer.Option(None, "--save", help="write the outputs to this .npz"),
+    check: bool = typer.Option(False, "--check", help="compare with the ONNX Runtime outputs stored in the artifact (exit 3 on mismatch)"),
+    as_json: bool = typer.Option(False, "--json", help="print the output summary as JSON"),
+) -> None:
+    """Run an artifact on this machine. Without --input it runs the artifact's stored verification inputs."""
+    import numpy as np
+
+    from .runtime import ArtifactError, load
+
+    try:
+        model = load(artifact)
+        feeds, stored = {}, not input
+        for item in input:
+            feeds.update(_read_input(item))
+        if stored:
+            with np.load(artifact / model.manifest["verify"]["inputs"]) as z:
+                feeds = {k: z[k] for k in z.files}
+        outputs = model(feeds)
+    except ArtifactError as e:
+        raise fail(CompileError(str(e), e.hint))
+    from .pipeline import summarize
+
+    names = [o["name"] for o in model.outputs]
+    summary = [summarize(n, a) for n, a in zip(names, outputs)]
+    if save:
+        np.savez(save, **dict(zip(names, outputs)))
+    if as_json:
+        typer.echo(json.dumps({"inputs": "stored verification inputs" if stored else "given", "outputs": summary}, indent=2))
+    else:
+        for s in summary:
+            typer.echo(f"{s['name']}: {s['dtype']}{s['shape']} mean={s['mean']:.6g} std={s['std']:.6g} abs_sum={s['abs_sum']:.6g}")
+    if check:
+        from .measure import compare
+
+        if not stored:
+            raise fail(CompileError("--check compares the stored verification inputs' outputs", "leave out --input to use them"))
+        v = model.manifest["verify"]
+        with np.load(artifact / v["expected"]) as z:
+            expected = [z[n] for n in names]
+        result = compare(outputs, expected, names, v["rtol"], v["atol"])
+        worst = max(o.max_abs for o in result.outputs)
+        err.print(f"check vs ONNX Runtime (rtol {v['rtol']:g}, atol {v['atol']:g}): {'PASS' if result.ok else 'FAIL'}, max abs {worst:.3g}")
+        if not result.ok:
+            raise typer.Exit(int(ExitCode.ACCURACY))
+
+
+def _read_input(item: str) -> dict:
+    import numpy as np
+
+    name, sep, path = item.partition("=")
+    file = Path(path if sep else name)
+    if not file.is_file():
+        raise fail(CompileError(f"input file not found: {file}", "give NAME=FILE.npy or FILE.npz"))
+    try:
+        if file.suffix == ".npz":
+            with np.load(file) as z:
+                return {k: z[k] for k in z.files}
+        return {name: np.load(file)}
+    except (ValueError, OSError) as e:
+        raise fail(CompileError(f"cannot read {file}: {e}", "save inputs with numpy.save / numpy.savez")) from None
+
+
+@app.command("targets")
+def targets_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the target descriptors."""
+    from rich.table import Table
+
+    from .target import builtin_targets
+
+    targets = builtin_targets()
+    if as_json:
+        typer.echo(json.dumps({n: t.model_dump(exclude={"source"}) for n, t in targets.items()}, indent=2))
+        return
+    table = Table("name", "kind", "backend", "arch / cpu", "precisions", "aliases", "description")
+    for t in targets.values():
+        arch = t.cuda.arch if t.cuda else (t.npu.soc_version or t.npu.vendor) if t.npu else (t.cpu.mcpu or t.cpu.triple) if t.cpu else "-"
+        table.add_row(t.name, t.kind, t.backend, arch, ",".join(t.precisions), ",".join(t.aliases), t.description)
+    Console().print(table)
+
+
+@app.command("passes")
+def passes_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the registered graph passes and their options."""
+    from rich.table import Table
+
+    from .pass_manager import registered_passes
+
+    passes = registered_passes()
+    rows = {n: {"doc": c.doc(), "options": {k: repr(f.default) for k, f in c.Options.model_fields.items()}, "module": c.__module__} for n, c in passes.items()}
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("pass", "what it does", "options")
+    for n, r in rows.items():
+        table.add_row(n, r["doc"], ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-")
+    Console().print(table)
+
+
+@app.command("doctor")
+def doctor_cmd() -> None:
+    """Check the installation: versions, the TVM compiler, LLVM, the host CPU, nvcc."""
+    import importlib.metadata as md
+    import shutil
+
+    from rich.table import Table
+
+    table = Table("check", "result")
+    ok = True
+    for dist in ("autoglm-compile", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime", "onnx-graphsurgeon", "numpy", "pydantic", "torch"):
+        try:
+            table.add_row(dist, md.version(dist))
+        except md.PackageNotFoundError:
+            table.add_row(dist, "[yellow]not installed[/]" if dist == "torch" else "[red]not installed[/]")
+            ok = ok and dist == "torch"
+    try:
+        from tvm.target import codegen
+
+        from .target import cpu_flags, detect_host_cpu
+
+        cpu = detect_host_cpu()
+        table.add_row("TVM compiler", f"LLVM {codegen.llvm_version_major()}")
+        table.add_row("host CPU", f"{cpu.triple} {cpu.mcpu}, {cpu.cores} cores")
+        wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "asimddp", "sve")
+        table.add_row("CPU features", " ".join(f for f in cpu_flags() if f in wanted) or "-")
+    except Exception as e:  # doctor reports, it does not crash
+        ok = False
+        table.add_row("TVM compiler", f"[red]unavailable: {e}[/]")
+    table.add_row("nvcc", shutil.which("nvcc") or "[yellow]not found (CUDA targets cannot be built)[/]")
+    Console().print(table)
+    raise typer.Exit(0 if ok else int(ExitCode.USAGE))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. A first argument that is no command is a model: `autoglm-compile m.onnx` compiles."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and not args[0].startswith("-") and args[0] not in COMMANDS:
+        args.insert(0, "compile")
+    app(args=args, prog_name="autoglm-compile")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""The compile pipeline, as one straight list of stages:
+
+    load → validate → passes → verify → import → schedule → build → package → measure → report
+
+Each stage is a function of the Job; the loop in `compile_model` times it and shows progress. The artifact is
+staged beside the output path and swapped in only when every check has passed (a failed budget still writes it,
+since the build is correct; a failed accuracy check does not).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .artifact import REPORT_FILES, Staging, dir_size, file_hashes, sha256, write_archive
+from .config import PipelineConfig, load_config
+from .errors import AccuracyError, BudgetError, CompileError, InputError
+from .frontends import LoadedModel, load
+from .inputs import RANDOM_INPUT_RULE, InputSpec, index_ranges, random_inputs, resolve_inputs
+from .measure import compare, ort_session, run_ort, time_runs
+from .pass_manager import PassContext, run_passes
+from .report import BaselineReport, LatencyReport, MemoryReport, Report, StageTiming, to_markdown
+from .runtime import FORMAT_VERSION, LIBRARY, MANIFEST
+from .target import TargetDescriptor, resolve_target
+
+
+@dataclass
+class CompileOptions:
+    source: str
+    target: str = "host"
+    output: Path | None = None
+    preset: str = "O2"
+    config_path: Path | None = None
+    input_shapes: list[str] = field(default_factory=list)
+    dims: list[str] = field(default_factory=list)
+    trust_pickle: bool = False
+    weights: str | None = None
+    archive: bool = False
+    seed: int | None = None
+    runs: int | None = None
+    verify_each_pass: bool = False
+    max_latency_ms: float | None = None
+    max_error: float | None = None
+
+    def resolved_output(self) -> Path:
+        if self.output is not None:
+            return Path(self.output)
+        stem = Path(self.source.split(":")[-1]).stem if ":" in self.source else Path(self.source).stem
+        return Path("build") / stem
+
+
+class Progress:
+    """Silent progress; the CLI passes a rich one."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        yield
+
+    def note(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class Job:
+    opts: CompileOptions
+    config: PipelineConfig
+    target: TargetDescriptor
+    progress: Progress
+    staging: Staging
+    loaded: LoadedModel | None = None
+    model: onnx.ModelProto | None = None  # the current graph
+    inputs: list[InputSpec] = field(default_factory=list)
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    reference: list[np.ndarray] = field(default_factory=list)  # ONNX Runtime on the source model
+    output_names: list[str] = field(default_factory=list)
+    relax_mod: object = None
+    lowered: object = None
+    tvm_target: object = None
+    build: object = None
+    report: Report | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+
+def stage_load(job: Job) -> None:
+    job.loaded = load(job.opts.source, job.opts.input_shapes, job.opts.trust_pickle, job.opts.weights)
+    job.model = job.loaded.model
+
+
+def stage_validate(job: Job) -> None:
+    model = job.model
+    # PyTorch entries were given their shapes at export; ONNX models take --input-shape / --dim here.
+    shapes = job.opts.input_shapes if job.loaded.frontend == "onnx" else []
+    job.inputs = resolve_inputs(model, shapes, job.opts.dims)
+    job.output_names = [o.name for o in model.graph.output]
+    seed = job.config.verify.seed if job.opts.seed is None else job.opts.seed
+    job.feeds = random_inputs(job.inputs, seed, index_ranges(model))
+    try:
+        job.reference = run_ort(model, job.feeds)
+    except Exception as e:
+        raise InputError(f"ONNX Runtime cannot run the source model: {str(e).strip().splitlines()[0][:300]}", "the reference run failed: check the model and the input shapes") from None
+    if job.target.backend != "tvm":
+        raise InputError(f"target '{job.target.name}' uses the {job.target.backend} backend, which is not built yet", "use a TVM target (see 'autoglm-compile targets')")
+
+
+def _check_graph(job: Job, model: onnx.ModelProto, what: str):
+    v = job.config.verify
+    try:
+        got = run_ort(model, job.feeds)
+    except Exception as e:
+        raise AccuracyError(f"{what}: ONNX Runtime cannot run the optimized graph: {str(e).strip().splitlines()[0][:300]}", "run with -O0 to skip the graph passes, and report the bug") from None
+    return compare(got, job.reference, job.output_names, v.rtol, v.atol)
+
+
+def stage_passes(job: Job) -> None:
+    ctx = PassContext(
+        input_shapes={s.name: list(s.shape) for s in job.inputs},
+        input_dtypes={s.name: s.dtype for s in job.inputs},
+        ir_version=job.model.ir_version,
+        log=job.progress.note,
+    )
+    each = job.config.verify.each_pass or job.opts.verify_each_pass
+
+    def after_pass(name: str, model: onnx.ModelProto) -> None:
+        result = _check_graph(job, model, f"after pass '{name}'")
+        if not result.ok:
+            bad = next(o for o in result.outputs if not o.ok)
+            raise AccuracyError(f"pass '{name}' changed the outputs: '{bad.name}' max abs error {bad.max_abs:.3g} (rtol {result.rtol:g}, atol {result.atol:g})", f"leave '{name}' out of the config and report the bug")
+
+    job.model, records = run_passes(job.model, job.config.passes, ctx, on_pass=lambda n: job.progress.note(f"pass {n}"), after_pass=after_pass if each else None)
+    job.report.passes = records
+
+
+def stage_verify(job: Job) -> None:
+    if not job.config.verify.graph:
+        return
+    result = _check_graph(job, job.model, "after the graph stage")
+    result.inputs = RANDOM_INPUT_RULE
+    job.report.graph_verify = result
+    if not result.ok:
+        bad = next(o for o in result.outputs if not o.ok)
+        raise AccuracyError(f"the graph passes changed output '{bad.name}' (max abs {bad.max_abs:.3g})", "rerun with --verify-each-pass to find the pass")
+
+
+def stage_import(job: Job) -> None:
+    from .tvm_build import import_relax
+
+    job.relax_mod = import_relax(job.model, job.inputs)
+
+
+def stage_schedule(job: Job) -> None:
+    from .tvm_build import lower
+
+    job.lowered, job.tvm_target = lower(job.relax_mod, job.target, job.config.schedule.strategy)
+
+
+def stage_build(job: Job) -> None:
+    from .tvm_build import build, export
+
+    job.build = build(job.lowered, job.tvm_target)
+    export(job.build, str(job.staging.path / LIBRARY))
+
+
+def stage_package(job: Job) -> None:
+    root = job.staging.path
+    onnx.save(job.model, str(root / "model.opt.onnx"))
+    (root / "verify").mkdir()
+    np.savez(root / "verify" / "inputs.npz", **job.feeds)
+    np.savez(root / "verify" / "expected.npz", **dict(zip(job.output_names, job.reference)))
+    import onnxruntime
+    import tvm
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "library": LIBRARY,
+        "inputs": [s.as_dict() for s in job.inputs],
+        "outputs": [{"name": n, "shape": list(a.shape), "dtype": a.dtype.name} for n, a in zip(job.output_names, job.reference)],
+        "target": {
+            "name": job.target.name,
+            "kind": job.target.kind,
+            "device": "cuda" if job.target.kind == "cuda" else "cpu",
+            "tvm": job.target.tvm_target(),
+            "descriptor": job.target.model_dump(exclude={"source"}),
+        },
+        "verify": {"inputs": "verify/inputs.npz", "expected": "verify/expected.npz", "rtol": job.config.verify.rtol, "atol": job.config.verify.atol},
+        "versions": {"autoglm_compile": __version__, "tvm": tvm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+        "source": {"model": job.opts.source, "frontend": job.loaded.frontend, "sha256": sha256(job.loaded.source_file) if job.loaded.source_file else None},
+        "config": job.config.model_dump(),
+        "files": file_hashes(root),
+        "reports": list(REPORT_FILES),
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def stage_measure(job: Job) -> None:
+    from .runtime import load as load_artifact, restore_affinity
+
+    r = job.report
+    r.memory = MemoryReport(
+        weight_bytes=sum(onnx.numpy_helper.to_array(t).nbytes for t in job.model.graph.initializer),
+        planned_activation_bytes=job.build.planned_bytes,
+        planned_storages=job.build.storages,
+        artifact_bytes=dir_size(job.staging.path),
+        compile_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+    if not job.target.is_host:
+        r.latency = LatencyReport(status="not measured", reason=f"target '{job.target.name}' is not this machine, and the roofline estimator does not exist yet")
+        return
+    # Run the artifact as a user would: loaded from its folder by the runtime.
+    compiled = load_artifact(job.staging.path)
+    outputs = compiled(job.feeds)
+    v = job.config.verify
+    r.accuracy = compare(outputs, job.reference, job.output_names, v.rtol, v.atol)
+    r.accuracy.inputs = RANDOM_INPUT_RULE
+    r.output_summary = [summarize(n, a) for n, a in zip(job.output_names, outputs)]
+    if not r.accuracy.ok:
+        return  # no point timing a wrong build
+    m = job.config.measure
+    if not m.enabled:
+        r.latency = LatencyReport(status="not measured", reason="measure.enabled is false")
+        return
+    threads = compiled.threads
+    runs = job.opts.runs or m.runs
+    args = compiled.prepare(job.feeds)
+    with job.progress.stage("measure: TVM"):
+        stats = time_runs(lambda: compiled.run_prepared(args), m.warmup, runs, min(m.min_runs, runs), m.max_seconds)
+    r.latency = LatencyReport(status="measured", threads=threads, stats=stats)
+    if m.baseline:
+        restore_affinity()
+        with job.progress.stage("measure: ONNX Runtime"):
+            sess = ort_session(job.loaded.model, threads=threads)
+            base = time_runs(lambda: sess.run(None, job.feeds), m.warmup, runs, min(m.min_runs, runs), m.max_seconds)
+        r.baseline = BaselineReport(runtime=f"onnxruntime (CPU, all graph optimizations, source model)", threads=threads, stats=base, ratio=stats.p50_ms / base.p50_ms)
+
+
+def summarize(name: str, a: np.ndarray) -> dict:
+    a64 = np.asarray(a, dtype=np.float64)
+    return {"name": name, "shape": list(a.shape), "dtype": a.dtype.name, "mean": float(a64.mean()), "std": float(a64.std()), "abs_sum": float(np.abs(a64).sum())}
+
+
+def stage_report(job: Job) -> None:
+    root = job.staging.path
+    (root / "report.json").write_text(job.report.model_dump_json(indent=2) + "\n")
+    (root / "report.md").write_text(to_markdown(job.report))
+
+
+STAGES: list[tuple[str, Callable[[Job], None]]] = [
+    ("load", stage_load),
+    ("validate", stage_validate),
+    ("passes", stage_passes),
+    ("verify", stage_verify),
+    ("import", stage_import),
+    ("schedule", stage_schedule),
+    ("build", stage_build),
+    ("package", stage_package),
+    ("measure", stage_measure),
+    ("report", stage_report),
+]
+
+
+def resolve_config(opts: CompileOptions) -> PipelineConfig:
+    cfg = load_config(opts.preset, opts.config_path)
+    if opts.verify_each_pass:
+        cfg.verify.each_pass = True
+    if opts.seed is not None:
+        cfg.verify.seed = opts.seed
+    return cfg
+
+
+def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Report:
+    """Compile and verify; returns the report. Raises a CompileError subclass on a user error, a failed accuracy
+    check (AccuracyError, nothing written) or a failed budget (BudgetError, the artifact is written)."""
+    progress = progress or Progress()
+    config = resolve_config(opts)  # bad config and target fail before any work
+    target = resolve_target(opts.target)
+    output = opts.resolved_output()
+    staging = Staging(output)
+    job = Job(opts=opts, config=config, target=target, progress=progress, staging=staging)
+    job.report = Report(
+        tool_version=__version__, model=opts.source, frontend="?", target=target.name, target_kind=target.kind,
+        config=config.name, inputs=[], outputs=[],
+    )
+    try:
+        for name, fn in STAGES:
+            t0 = time.perf_counter()
+            with progress.stage(name):
+                try:
+                    fn(job)
+                finally:
+                    job.report.stages.append(StageTiming(name=name, seconds=time.perf_counter() - t0))
+            if name == "validate":
+                job.report.frontend = job.loaded.frontend
+                job.report.inputs = [s.as_dict() for s in job.inputs]
+                job.report.outputs = [{"name": n, "shape": list(a.shape), "dtype": a.dtype.name} for n, a in zip(job.output_names, job.reference)]
+            if name == "measure" and job.report.accuracy is not None and not job.report.accuracy.ok:
+                job.report.result = "accuracy-failed"
+                bad = next(o for o in job.report.accuracy.outputs if not o.ok)
+                raise AccuracyError(
+                    f"the build does not match ONNX Runtime: output '{bad.name}' max abs {bad.max_abs:.3g}, max rel {bad.max_rel:.3g} (rtol {job.report.accuracy.rtol:g}, atol {job.report.accuracy.atol:g})",
+                    "no artifact was written; try -O0 to rule out the graph passes, and report the bug",
+                )
+        failures = check_budgets(job.report, opts)
+        if failures:
+            job.report.result = "budget-failed"
+            stage_report(job)
+        staging.commit()
+        if opts.archive:
+            write_archive(staging.output)
+        if failures:
+            raise BudgetError("; ".join(failures), f"the artifact was written to {staging.output}; the budget is not met")
+        return job.report
+    except CompileError as e:
+        e.report = job.report  # the CLI still prints what was measured
+        raise
+    finally:
+        staging.discard()
+
+
+def check_budgets(report: Report, opts: CompileOptions) -> list[str]:
+    failures = []
+    if opts.max_latency_ms is not None:
+        lat = report.latency
+        if lat is None or lat.stats is None:
+            failures.append(f"--max-latency-ms {opts.max_latency_ms:g}: latency was not measured ({lat.reason if lat else 'no measurement'})")
+        elif lat.stats.p50_ms > opts.max_latency_ms:
+            failures.append(f"p50 latency {lat.stats.p50_ms:.3f} ms exceeds --max-latency-ms {opts.max_latency_ms:g}")
+    if opts.max_error is not None:
+        acc = report.accuracy
+        worst = max((o.max_abs for o in acc.outputs), default=0.0) if acc else None
+        if worst is None:
+            failures.append(f"--max-error {opts.max_error:g}: accuracy was not measured on this machine")
+        elif worst > opts.max_error:
+            failures.append(f"max abs error {worst:.3g} exceeds --max-error {opts.max_error:g}")
+    return failures

@@ -1,0 +1,105 @@
+"""Run an artifact. Imports numpy and the TVM runtime only: not the TVM compiler, pydantic, typer, rich or
+onnx-graphsurgeon, so a deployment image needs just `numpy` and `apache-tvm` (runtime library)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+FORMAT_VERSION = 1
+# The cores this process may use, read before TVM's thread pool pins the calling thread to one of them.
+INITIAL_AFFINITY = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset(range(os.cpu_count() or 1))
+
+
+class ArtifactError(Exception):
+    """The artifact is missing, damaged, or the inputs do not match it."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+def read_manifest(path: str | Path) -> dict:
+    root = Path(path)
+    mf = root / MANIFEST
+    if not mf.is_file():
+        raise ArtifactError(f"{root}: not an artifact (no {MANIFEST})", "give the folder written by autoglm-compile -o")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mf}: damaged manifest ({e})", "rebuild the artifact") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{mf}: format version {manifest.get('format_version')}, this runtime reads {FORMAT_VERSION}", "rebuild the artifact with this version")
+    return manifest
+
+
+def _flatten(value) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    out: list[np.ndarray] = []
+    for item in value:  # a tuple of outputs comes back as an Array
+        out.extend(_flatten(item))
+    return out
+
+
+class CompiledModel:
+    """A loaded artifact: call it with a dict of arrays (or keyword arrays); it returns a list of numpy arrays."""
+
+    def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
+        import tvm  # the runtime; the compiler library is not needed (TVM_USE_RUNTIME_LIB=1 works)
+
+        # TVM's default pool size is a heuristic (and tvm.runtime.num_threads() does not report it): set it.
+        self.threads = threads or len(INITIAL_AFFINITY)
+        tvm.get_global_func("runtime.config_threadpool")(1, self.threads)
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.inputs = self.manifest["inputs"]
+        self.outputs = self.manifest["outputs"]
+        kind = device or self.manifest["target"]["device"]
+        self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        lib = tvm.runtime.load_module(str(self.path / self.manifest["library"]))
+        self._vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
+        self._main = self._vm["main"]
+        self._tensor = tvm.runtime.tensor
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = [i["name"] for i in self.inputs]
+        missing = [n for n in names if n not in feeds]
+        extra = [n for n in feeds if n not in names]
+        if missing or extra:
+            raise ArtifactError(f"inputs do not match the artifact: missing {missing}, unexpected {extra}", f"the artifact takes: {', '.join(names)}")
+        arrays = []
+        for spec in self.inputs:
+            a = np.asarray(feeds[spec["name"]])
+            if list(a.shape) != list(spec["shape"]) or a.dtype.name != spec["dtype"]:
+                raise ArtifactError(f"input '{spec['name']}' is {a.dtype.name}{list(a.shape)}, the artifact takes {spec['dtype']}{spec['shape']}", "reshape or cast the input")
+            arrays.append(np.ascontiguousarray(a))
+        return arrays
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> list:
+        """Device tensors for the inputs, to time the model without host copies."""
+        return [self._tensor(a, device=self.device) for a in self.check_inputs(feeds)]
+
+    def run_prepared(self, args: list):
+        out = self._main(*args)
+        self.device.sync()
+        return out
+
+    def __call__(self, feeds: dict[str, np.ndarray] | None = None, **kwargs: np.ndarray) -> list[np.ndarray]:
+        return _flatten(self.run_prepared(self.prepare({**(feeds or {}), **kwargs})))
+
+
+def load(path: str | Path, device: str | None = None, threads: int | None = None) -> CompiledModel:
+    """Load an artifact. `threads` defaults to the cores this process may use."""
+    return CompiledModel(path, device, threads)
+
+
+def restore_affinity() -> None:
+    """Undo the pinning of the calling thread by TVM's thread pool (so other runtimes get every core again)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, INITIAL_AFFINITY)

@@ -1,0 +1,127 @@
+"""TVM stages: Relax import, scheduling (a pluggable strategy), build, and export of the library.
+
+This module imports the TVM compiler. The runtime side (autoglm_compile.runtime) never imports it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx
+
+from .errors import UnsupportedError
+from .inputs import InputSpec
+from .target import TargetDescriptor
+
+
+def unsupported_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes the Relax ONNX importer has no converter for, as 'name (OpType)'."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map()
+    out = []
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in known:
+            domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+            out.append(f"{node.name or f'#{i}'} ({domain}{node.op_type})")
+    return out
+
+
+def import_relax(model: onnx.ModelProto, inputs: list[InputSpec]):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    missing = unsupported_nodes(model)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise UnsupportedError(f"TVM's ONNX importer cannot convert {len(missing)} node(s): {shown}", "these ops are not supported by TVM 0.27's Relax importer")
+    shapes = {s.name: list(s.shape) for s in inputs}
+    dtypes = {s.name: s.dtype for s in inputs}
+    try:
+        return from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
+    except Exception as e:  # the importer raises many exception types; report them as one line
+        msg = str(e).strip().splitlines()
+        detail = next((line for line in msg if line.startswith("Error converting operator")), msg[-1] if msg else "")
+        raise UnsupportedError(f"TVM's ONNX importer failed: {type(e).__name__}: {detail[:300]}", "try -O2 or -O3 (constant folding resolves most import gaps), or pin dynamic dims with --input-shape") from None
+
+
+# ------------------------------------------------------------------------------------------- schedule strategies
+# A strategy turns the imported IRModule into a lowered one for the target. The tuning issue adds more.
+
+Strategy = Callable[[object, object], object]  # (IRModule, tvm.target.Target) -> lowered IRModule
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str):
+    def deco(fn: Strategy) -> Strategy:
+        _STRATEGIES[name] = fn
+        return fn
+
+    return deco
+
+
+def strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+@register_strategy("default")
+def _default_strategy(mod, target):
+    """The target's default Relax pipeline: fusion + legalization (+ DLight schedules on GPUs)."""
+    from tvm import relax
+
+    with target:
+        return relax.get_default_pipeline(target)(mod)
+
+
+def make_target(desc: TargetDescriptor):
+    import tvm
+
+    spec = desc.tvm_target()
+    host = spec.pop("host", None)
+    return tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
+
+
+@dataclass
+class BuildResult:
+    executable: object
+    planned_bytes: int  # sum of the storages of TVM's static memory plan (intermediates that are reused)
+    storages: int
+
+
+def lower(mod, desc: TargetDescriptor, strategy: str):
+    from .errors import InputError
+
+    if strategy not in _STRATEGIES:
+        raise InputError(f"unknown schedule strategy '{strategy}'", f"valid strategies: {', '.join(strategies())}")
+    target = make_target(desc)
+    return _STRATEGIES[strategy](mod, target), target
+
+
+def memory_plan(lowered) -> tuple[int, int]:
+    """(bytes, count) of the storages allocated by the lowered module's static memory plan."""
+    from tvm import relax
+    import tvm
+
+    sizes: list[int] = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name.endswith("alloc_storage"):
+            shape = expr.args[0]
+            if isinstance(shape, relax.ShapeExpr) and all(isinstance(v, tvm.tirx.IntImm) for v in shape.values):
+                sizes.append(int(shape.values[0]))
+
+    for _, func in lowered.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return sum(sizes), len(sizes)
+
+
+def build(lowered, target) -> BuildResult:
+    from tvm import relax
+
+    planned, count = memory_plan(lowered)
+    ex = relax.build(lowered, target, relax_pipeline=None)
+    return BuildResult(ex, planned, count)
+
+
+def export(result: BuildResult, path: str) -> None:
+    result.executable.export_library(path)

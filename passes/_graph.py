@@ -1,0 +1,45 @@
+"""Helpers shared by passes (not a pass: it registers nothing)."""
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime
+
+from autoglm_compile.pass_manager import export_model
+
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+onnxruntime.set_default_logger_severity(3)  # constant folding runs ORT sessions that warn about nothing useful
+
+
+def inferred(graph: gs.Graph, ir_version: int) -> gs.Graph:
+    """A copy of the graph with ONNX shape inference applied (data propagation on, so Shape->Gather chains fold)."""
+    model = export_model(graph, ir_version)
+    model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    return gs.import_onnx(model)
+
+
+def bypass(graph: gs.Graph, node: gs.Node) -> bool:
+    """Remove a single-input, single-output no-op node by wiring its input to its consumers.
+
+    When the node's output is a graph output, the producer of the input is made to write the graph output
+    instead, so graph output names never change. Returns False where that is impossible (the input is a graph
+    input, a constant, or itself a graph output)."""
+    src, dst = node.inputs[0], node.outputs[0]
+    if dst in graph.outputs:
+        if src in graph.inputs or src in graph.outputs or isinstance(src, gs.Constant) or not src.inputs:
+            return False
+        producer = src.inputs[0]
+        producer.outputs[producer.outputs.index(src)] = dst
+        for consumer in list(src.outputs):
+            consumer.inputs[consumer.inputs.index(src)] = dst
+    else:
+        for consumer in list(dst.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is dst:
+                    consumer.inputs[i] = src
+    node.inputs.clear()
+    node.outputs.clear()
+    return True

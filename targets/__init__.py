@@ -1,0 +1,1 @@
+"""Target descriptors (YAML data, validated by autoglm_compile.targets.TargetDescriptor)."""
