@@ -1,0 +1,85 @@
+"""Target descriptors: the schema, resolution by name / alias / path, host detection."""
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+import yaml
+
+from autoglm_compile.errors import InputError
+from autoglm_compile.target import TargetDescriptor, builtin_targets, cpu_flags, resolve_target
+
+
+def test_every_shipped_descriptor_validates():
+    files = [p for p in resources.files("autoglm_compile.targets").iterdir() if p.name.endswith(".yaml")]
+    assert files
+    for f in files:
+        text = f.read_text()
+        assert text.lstrip().startswith("#"), f"{f.name} must say where its numbers come from in a comment"
+        TargetDescriptor.model_validate(yaml.safe_load(text))
+    assert set(builtin_targets()) >= {"host"}
+
+
+def test_host_is_detected_and_runnable_here():
+    host = resolve_target("host")
+    assert host.is_host and host.kind == "cpu" and host.backend == "tvm"
+    assert host.cpu.mcpu and host.cpu.cores >= 1
+    spec = host.tvm_target()
+    assert spec["kind"] == "llvm" and spec["mcpu"] == host.cpu.mcpu
+    import tvm
+
+    tvm.target.Target(spec)  # TVM 0.27 accepts the dict
+
+
+def test_host_cpu_name_matches_cpu_features():
+    # LLVM must not pick a CPU whose instructions this machine lacks (a VM may mask AVX-512).
+    import tvm
+    from tvm.target import codegen
+
+    host = resolve_target("host")
+    if "avx512f" not in cpu_flags():
+        assert not codegen.llvm_cpu_has_features(["avx512f"], tvm.target.Target({"kind": "llvm", "mcpu": host.cpu.mcpu}))
+
+
+def test_target_from_yaml_path(tmp_path):
+    f = tmp_path / "gpu.yaml"
+    f.write_text(
+        "# test descriptor\nname: my-gpu\ndescription: t\nkind: cuda\nbackend: tvm\n"
+        "cuda: {arch: sm_90}\ncpu: {triple: x86_64-linux-gnu}\nprecisions: [fp32, fp16]\n"
+    )
+    t = resolve_target(str(f))
+    assert t.name == "my-gpu" and not t.is_host
+    assert t.tvm_target() == {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}}
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("name: x\ndescription: d\nkind: gpu\nbackend: tvm\n", "invalid target field 'kind'"),
+        ("name: x\ndescription: d\nkind: cuda\nbackend: tvm\n", "needs a 'cuda' section"),
+        ("name: x\ndescription: d\nkind: cuda\nbackend: tvm\ncuda: {arch: ampere}\n", "invalid target field 'cuda.arch'"),
+        ("name: x\ndescription: d\nkind: cpu\nbackend: tvm\n", "needs a 'cpu' section"),
+        ("name: x\ndescription: d\nkind: npu-onnx\nbackend: tvm\n", "needs an 'npu' section"),
+        ("name: x\ndescription: d\nkind: cpu\nbackend: tvm\ndetect_host: true\nspeed: 3\n", "invalid target field 'speed'"),
+        ("name: x\ndescription: d\nkind: cpu\nbackend: tvm\ndetect_host: true\nprecisions: [fp8]\n", "invalid target field 'precisions.0'"),
+        ("[not, a, mapping]\n", "must be a YAML mapping"),
+        ("name: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_descriptor_messages(tmp_path, body, message):
+    f = tmp_path / "t.yaml"
+    f.write_text(body)
+    with pytest.raises(InputError) as e:
+        resolve_target(str(f))
+    assert message in str(e.value)
+
+
+def test_unknown_target_lists_valid_ones():
+    with pytest.raises(InputError) as e:
+        resolve_target("jetsonn")
+    assert "unknown target 'jetsonn'" in str(e.value) and "host" in e.value.hint
+
+
+def test_missing_target_file():
+    with pytest.raises(InputError, match="target file not found"):
+        resolve_target("nowhere/t.yaml")
