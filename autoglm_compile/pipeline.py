@@ -130,12 +130,20 @@ def stage_passes(job: Job) -> None:
         log=job.progress.note,
     )
     each = job.config.verify.each_pass or job.opts.verify_each_pass
+    previous = [job.model]
 
     def after_pass(name: str, model: onnx.ModelProto) -> None:
         result = _check_graph(job, model, f"after pass '{name}'")
         if not result.ok:
+            from .bisect import first_differing_node
+
             bad = next(o for o in result.outputs if not o.ok)
-            raise AccuracyError(f"pass '{name}' changed the outputs: '{bad.name}' max abs error {bad.max_abs:.3g} (rtol {result.rtol:g}, atol {result.atol:g})", f"leave '{name}' out of the config and report the bug")
+            where = first_differing_node(previous[0], model, job.feeds, result.rtol, result.atol)
+            raise AccuracyError(
+                f"pass '{name}' changed the outputs: '{bad.name}' max abs error {bad.max_abs:.3g} (rtol {result.rtol:g}, atol {result.atol:g}); first differing node: {where or 'none of the shared tensors'}",
+                f"leave '{name}' out of the config and report the bug",
+            )
+        previous[0] = model
 
     job.model, records = run_passes(job.model, job.config.passes, ctx, on_pass=lambda n: job.progress.note(f"pass {n}"), after_pass=after_pass if each else None)
     job.report.passes = records

@@ -14,6 +14,11 @@ from .inputs import InputSpec
 from .target import TargetDescriptor
 
 
+# The importer dispatches on op type alone; its converters cover the standard domain and some of ONNX Runtime's
+# contrib ops (Attention, SkipLayerNormalization, FastGelu, ...), which live in com.microsoft.
+IMPORTER_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
 def unsupported_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes the Relax ONNX importer has no converter for, as 'name (OpType)'."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
@@ -21,7 +26,7 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[str]:
     known = _get_convert_map()
     out = []
     for i, node in enumerate(model.graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in known:
+        if node.domain not in IMPORTER_DOMAINS or node.op_type not in known:
             domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
             out.append(f"{node.name or f'#{i}'} ({domain}{node.op_type})")
     return out

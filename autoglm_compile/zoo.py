@@ -47,6 +47,26 @@ def resnet50(path: Path) -> Path:
     return _export(Wrap(), (x,), ["pixel_values"], ["pooled"], path, {"pixel_values": {0: "batch"}})
 
 
+def mobilenet_v2(path: Path) -> Path:
+    """transformers MobileNetV2Config(): its export pads dynamically, which TVM imports only after folding."""
+    import torch
+    from transformers import MobileNetV2Config, MobileNetV2Model
+
+    torch.manual_seed(0)
+    model = MobileNetV2Model(MobileNetV2Config())
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).pooler_output
+
+    x = torch.randn(1, 3, 224, 224)
+    return _export(Wrap(), (x,), ["pixel_values"], ["pooled"], path, {"pixel_values": {0: "batch"}})
+
+
 def bert(path: Path, seq: int = 128, **config) -> Path:
     """transformers BertConfig() (BERT-base unless overridden), batch and sequence dims dynamic."""
     import torch
@@ -97,7 +117,7 @@ def small_cnn():
     return SmallCNN().eval()
 
 
-MODELS = {"resnet50": resnet50, "bert": bert, "bert-tiny": bert_tiny}
+MODELS = {"resnet50": resnet50, "mobilenet-v2": mobilenet_v2, "bert": bert, "bert-tiny": bert_tiny}
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from autoglm_compile.errors import UnsupportedError
 from autoglm_compile.pipeline import CompileOptions, compile_model
-from autoglm_compile.zoo import bert, bert_tiny, resnet50
+from autoglm_compile.zoo import bert, bert_tiny, mobilenet_v2, resnet50
 
 
 def _no_measure_config(tmp_path):
@@ -59,3 +59,11 @@ def test_bert_base_seq128_host(tmp_path):
     assert len(onnx.load(str(path), load_external_data=False).graph.node) > 1000
     report = _check_build(path, tmp_path / "bert", ["batch=1", "sequence=128"], tmp_path)
     assert report.outputs[0]["shape"] == [1, 128, 768]
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_imports_only_after_folding(tmp_path):
+    path = mobilenet_v2(tmp_path / "mnv2.onnx")
+    with pytest.raises(UnsupportedError, match="Dynamic pads"):
+        compile_model(CompileOptions(source=str(path), output=tmp_path / "o0", dims=["batch=1"], preset="O0"))
+    _check_build(path, tmp_path / "mnv2", ["batch=1"], tmp_path)
