@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 MODELS := build/models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-models demo clean
+.PHONY: install test test-models conformance demo clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: install
 # Full-size models (minutes): ResNet-50 and BERT-base for the host.
 test-models: install
 	$(BIN)/python -m pytest -q -m slow
+
+# The ONNX backend node tests (about 1.9k) through the host pipeline; fails if fewer pass than the recorded floor.
+conformance: install
+	$(BIN)/python -m autoglm_compile.conformance --floor docs/conformance.json --write docs/conformance.md
 
 $(MODELS)/resnet50.onnx: | install
 	$(BIN)/python -m autoglm_compile.zoo resnet50 $@

@@ -101,6 +101,24 @@ def test_fold_constants_no_match():
     assert not rec.changed and same_ops(out, model)
 
 
+def test_fold_constants_honours_shape_start_end():
+    # onnx-graphsurgeon alone folds Shape(x, start=1, end=3) to the whole shape; the pass must not.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape", start=1, end=3),
+        helper.make_node("Cast", ["s"], ["sf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["x"], ["r"], name="sum", keepdims=0),
+        helper.make_node("Add", ["r", "sf"], ["y"], name="add"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    model = make_model(nodes, [x], [y])
+    out, rec = apply(model, "fold-constants")
+    assert rec.changed and ops(out) == ["ReduceSum", "Add"]
+    folded = next(i for i in out.graph.initializer if i.name in out.graph.node[1].input)
+    assert numpy_helper.to_array(folded).tolist() == [3.0, 5.0]
+    assert_same(model, out, feeds_for((2, 3, 5)))
+
+
 # -------------------------------------------------------------------------------------------- eliminate-noops
 
 def noop_model():
@@ -182,3 +200,25 @@ def test_infer_shapes_no_change_when_already_inferred():
     once, _ = apply(conv_net(batch=1), "infer-shapes")
     _, rec = apply(once, "infer-shapes")
     assert not rec.changed
+
+
+def test_eliminate_dead_code_keeps_loop_outputs():
+    # gs's cleanup(remove_unused_node_outputs=True) would drop the Loop's unused scan output, breaking the Loop.
+    body_in = [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+               helper.make_tensor_value_info("acc", TensorProto.FLOAT, [2])]
+    body_out = [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [2]),
+                helper.make_tensor_value_info("scan", TensorProto.FLOAT, [2])]
+    body = helper.make_graph([
+        helper.make_node("Identity", ["cond"], ["cond_out"]),
+        helper.make_node("Add", ["acc", "x"], ["acc_out"]),
+        helper.make_node("Identity", ["acc_out"], ["scan"]),
+    ], "body", body_in, body_out)
+    trips = numpy_helper.from_array(np.array(3, np.int64), "trips")
+    true = numpy_helper.from_array(np.array(True), "true")
+    nodes = [helper.make_node("Loop", ["trips", "true", "x"], ["y", "scan_all"], name="loop", body=body)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    model = make_model(nodes, [x], [y], [trips, true])
+    out, rec = apply(model, "eliminate-dead-code")
+    assert not rec.changed and len(out.graph.node[0].output) == 2
+    assert_same(model, out, feeds_for((2,)))
