@@ -51,6 +51,7 @@ class CompiledModel:
 
     def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
         import tvm  # the runtime; the compiler library is not needed (TVM_USE_RUNTIME_LIB=1 works)
+        import tvm.runtime.vm  # not imported by tvm.runtime itself; only tvm.relax (the compiler) imports it
 
         # TVM's default pool size is a heuristic (and tvm.runtime.num_threads() does not report it): set it.
         self.threads = threads or len(INITIAL_AFFINITY)
