@@ -163,7 +163,12 @@ def load_torch_file(path: Path, input_shapes: list[str], trust_pickle: bool) -> 
             program = torch.export.load(str(path))
         except Exception as e:
             raise InputError(f"{path}: cannot load as a torch.export program: {str(e).splitlines()[0]}", "save it with torch.export.save") from None
-        return LoadedModel(_export(program.module(), names, args, str(path)), str(path), path, "torch-export")
+        net = program.module()
+        # module() patches train()/eval() to raise, and torch.onnx.export calls train(False): restore nn.Module's.
+        # The mode of the graph's ops was fixed when the program was exported; this only sets the flags.
+        for method in ("train", "eval"):
+            net.__dict__.pop(method, None)
+        return LoadedModel(_export(net.eval(), names, args, str(path)), str(path), path, "torch-export")
     try:
         net = torch.jit.load(str(path), map_location="cpu")
         return LoadedModel(_export(net, names, args, str(path)), str(path), path, "torchscript")
