@@ -154,6 +154,25 @@ def test_eliminate_noops_keeps_identity_from_input_to_output():
     assert not rec.changed and ops(out) == ["Identity"]
 
 
+def test_eliminate_noops_keeps_dropout_whose_mask_is_a_graph_output():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"), helper.make_node("Dropout", ["a"], ["y", "mask"], name="drop")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]), helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 3])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], outputs)
+    out, rec = apply(model, "eliminate-noops")
+    assert not rec.changed and ops(out) == ["Relu", "Dropout"]
+    assert [o.name for o in out.graph.output] == ["y", "mask"] and list(out.graph.node[1].output) == ["y", "mask"]
+    assert_same(model, out, feeds_for((2, 3)))
+
+
+def test_eliminate_noops_removes_dropout_with_unused_mask():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"), helper.make_node("Dropout", ["a"], ["b", "mask"], name="drop"),
+             helper.make_node("Neg", ["b"], ["y"], name="neg")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    out, rec = apply(model, "eliminate-noops")
+    assert rec.changed and ops(out) == ["Relu", "Neg"]
+    assert_same(model, out, feeds_for((2, 3)))
+
+
 def test_eliminate_noops_no_match():
     model = shape_subgraph_model()
     out, rec = apply(model, "eliminate-noops")
