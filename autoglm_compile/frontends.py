@@ -125,7 +125,22 @@ def _export(module, names, args, what: str) -> onnx.ModelProto:
             raise InputError(f"{what}: torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "check --input-shape matches the model's forward()") from None
         model = onnx.load(str(out))
     model.ir_version = EXPORT_IR_VERSION
+    _name_outputs(model)
     return model
+
+
+def _name_outputs(model: onnx.ModelProto) -> None:
+    """torch.onnx names outputs after internal values ('29'); name them output (or output_0, output_1, ...)."""
+    outputs = model.graph.output
+    taken = {t for n in model.graph.node for t in (*n.input, *n.output)} | {i.name for i in model.graph.input}
+    for i, out in enumerate(outputs):
+        new = "output" if len(outputs) == 1 else f"output_{i}"
+        if not out.name.isdigit() or new in taken:
+            continue
+        for node in model.graph.node:
+            node.output[:] = [new if t == out.name else t for t in node.output]
+            node.input[:] = [new if t == out.name else t for t in node.input]
+        out.name = new
 
 
 def load_torch_factory(entry: str, input_shapes: list[str], weights: str | None) -> LoadedModel:
