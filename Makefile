@@ -11,7 +11,25 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test test-models conformance demo clean
 
-install: $(STAMP)
+# The cross linker for aarch64 targets (Jetson, ARM CPUs): Debian's gcc-aarch64-linux-gnu and the aarch64 C library
+# it links against. Installed with apt-get when missing and this runs as root with apt-get; otherwise a note says
+# what to install, and builds for aarch64 targets fail with the same hint.
+CROSS_CC   := aarch64-linux-gnu-gcc
+CROSS_PKGS := gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+
+.PHONY: toolchains
+
+install: $(STAMP) toolchains
+
+toolchains:
+	@command -v $(CROSS_CC) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(CROSS_PKGS) (the linker for aarch64 targets)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CROSS_PKGS) >/dev/null; } \
+	      || echo "warning: apt-get could not install $(CROSS_PKGS): builds for aarch64 targets will fail"; \
+	  else \
+	    echo "note: $(CROSS_CC) not found, and installing it needs root and apt-get: to build for aarch64 targets, install Debian's $(CROSS_PKGS)"; \
+	  fi; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -66,6 +66,7 @@ def compile_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random verification inputs"),
     runs: Optional[int] = typer.Option(None, "--runs", min=1, help="timed runs"),
     verify_each_pass: bool = typer.Option(False, "--verify-each-pass", help="check outputs under ONNX Runtime after every pass"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 (adds convert-float16; fp16 tolerances)"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="budget on p50 latency (exit 4)"),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="budget on max abs error (exit 4)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
@@ -78,7 +79,7 @@ def compile_cmd(
     opts = CompileOptions(
         source=model, target=target, output=output, preset=f"O{opt_level}", config_path=config,
         input_shapes=list(input_shape), dims=list(dim), trust_pickle=trust_pickle, weights=weights, archive=archive,
-        seed=seed, runs=runs, verify_each_pass=verify_each_pass, max_latency_ms=max_latency_ms, max_error=max_error,
+        seed=seed, runs=runs, verify_each_pass=verify_each_pass, precision=precision, max_latency_ms=max_latency_ms, max_error=max_error,
     )
     try:
         if dump_config:
@@ -244,6 +245,7 @@ def doctor_cmd() -> None:
         ok = False
         table.add_row("TVM compiler", f"[red]unavailable: {e}[/]")
     table.add_row("nvcc", shutil.which("nvcc") or "[yellow]not found (CUDA targets cannot be built)[/]")
+    table.add_row("aarch64 linker", shutil.which("aarch64-linux-gnu-gcc") or "[yellow]not found (aarch64 targets cannot be linked: install Debian's gcc-aarch64-linux-gnu)[/]")
     Console().print(table)
     raise typer.Exit(0 if ok else int(ExitCode.USAGE))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
 
@@ -27,13 +27,20 @@ class PassSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+# Tolerances against ONNX Runtime on the fp32 source model, by the precision the graph computes in.
+TOLERANCES = {"fp32": (1e-3, 1e-4), "fp16": (1e-3, 2.5e-3)}
+# Passes that lower the precision, and the precision they lower it to.
+PRECISION_PASSES = {"convert-float16": "fp16"}
+
+
 class VerifyConfig(_Strict):
-    """Checks against ONNX Runtime: the optimized graph after the graph stage, and the built artifact."""
+    """Checks against ONNX Runtime: the optimized graph after the graph stage, and the built artifact.
+    rtol/atol left out follow the precision: fp32 1e-3/1e-4, fp16 (convert-float16 in the passes) 1e-3/2.5e-3."""
 
     graph: bool = True
     each_pass: bool = False
-    rtol: float = Field(1e-3, ge=0)
-    atol: float = Field(1e-4, ge=0)
+    rtol: float | None = Field(None, ge=0)
+    atol: float | None = Field(None, ge=0)
     seed: int = 0
 
 
@@ -59,6 +66,21 @@ class PipelineConfig(_Strict):
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
+
+    @property
+    def precision(self) -> str:
+        """The lowest precision a pass converts the graph to (fp32 when none does)."""
+        found = [PRECISION_PASSES[p.name] for p in self.passes if p.name in PRECISION_PASSES]
+        return found[-1] if found else "fp32"
+
+    @model_validator(mode="after")
+    def _tolerances(self) -> "PipelineConfig":
+        rtol, atol = TOLERANCES[self.precision]
+        if self.verify.rtol is None:
+            self.verify.rtol = rtol
+        if self.verify.atol is None:
+            self.verify.atol = atol
+        return self
 
     @field_validator("passes", mode="before")
     @classmethod
@@ -126,15 +148,35 @@ def _validate(path: str, data: dict) -> PipelineConfig:
     return cfg
 
 
-def load_config(preset: str = DEFAULT_PRESET, path: str | Path | None = None) -> PipelineConfig:
-    """The preset, or a user file (which may `extends: O2` and override parts of it)."""
+def _pass_names(items: list) -> list[str]:
+    names = []
+    for item in items or []:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, dict):
+            names.append(item.get("name") or next(iter(item), ""))
+    return names
+
+
+def load_config(preset: str = DEFAULT_PRESET, path: str | Path | None = None, precision: str | None = None) -> PipelineConfig:
+    """The preset, or a user file (which may `extends: O2` and override parts of it). precision="fp16" appends
+    convert-float16 to the passes unless they convert already; the tolerances then follow (TOLERANCES)."""
     if path is None:
-        return _validate(f"configs/{preset}.yaml", _preset_data(preset))
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"config file not found: {p}", "give a path to a pipeline YAML, or use -O0..-O3")
-    data = _read_yaml(str(p), p.read_text())
-    base = data.pop("extends", None)
-    if base is not None:
-        data = _merge(_preset_data(str(base)), data)
-    return _validate(str(p), data)
+        where, data = f"configs/{preset}.yaml", _preset_data(preset)
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"config file not found: {p}", "give a path to a pipeline YAML, or use -O0..-O3")
+        where, data = str(p), _read_yaml(str(p), p.read_text())
+        base = data.pop("extends", None)
+        if base is not None:
+            data = _merge(_preset_data(str(base)), data)
+    if precision not in (None, "fp32"):
+        wanted = {v: k for k, v in PRECISION_PASSES.items()}
+        if precision not in wanted:
+            raise InputError(f"unknown precision '{precision}'", f"valid precisions: fp32, {', '.join(wanted)}")
+        if wanted[precision] not in _pass_names(data.get("passes")):
+            data = {**data, "passes": [*(data.get("passes") or []), wanted[precision]]}
+    elif precision == "fp32" and any(n in PRECISION_PASSES for n in _pass_names(data.get("passes"))):
+        raise InputError(f"{where} converts to a lower precision, but --precision fp32 was asked", "drop --precision, or the convert pass from the config")
+    return _validate(where, data)

@@ -34,6 +34,10 @@ class UnsupportedError(CompileError):
     """The model uses something the target or TVM cannot handle."""
 
 
+class ToolchainError(CompileError):
+    """A compiler or linker the target needs is missing here, or cannot produce code for the target."""
+
+
 class AccuracyError(CompileError):
     exit_code = ExitCode.ACCURACY
 

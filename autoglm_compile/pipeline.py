@@ -32,6 +32,7 @@ from .pass_manager import PassContext, run_passes
 from .report import BaselineReport, LatencyReport, MemoryReport, Report, StageTiming, to_markdown
 from .runtime import FORMAT_VERSION, LIBRARY, MANIFEST
 from .target import TargetDescriptor, resolve_target
+from .toolchain import check_toolchain
 
 
 @dataclass
@@ -49,6 +50,7 @@ class CompileOptions:
     seed: int | None = None
     runs: int | None = None
     verify_each_pass: bool = False
+    precision: str | None = None  # fp16 adds convert-float16 to the passes; None: what the config says
     max_latency_ms: float | None = None
     max_error: float | None = None
 
@@ -109,8 +111,6 @@ def stage_validate(job: Job) -> None:
         job.reference = run_ort(model, job.feeds)
     except Exception as e:
         raise InputError(f"ONNX Runtime cannot run the source model: {str(e).strip().splitlines()[0][:300]}", "the reference run failed: check the model and the input shapes") from None
-    if job.target.backend != "tvm":
-        raise InputError(f"target '{job.target.name}' uses the {job.target.backend} backend, which is not built yet", "use a TVM target (see 'autoglm-compile targets')")
 
 
 def _check_graph(job: Job, model: onnx.ModelProto, what: str):
@@ -176,7 +176,7 @@ def stage_build(job: Job) -> None:
     from .tvm_build import build, export
 
     job.build = build(job.lowered, job.tvm_target)
-    export(job.build, str(job.staging.path / LIBRARY))
+    export(job.build, str(job.staging.path / LIBRARY), job.target, job.tvm_target)
 
 
 def stage_package(job: Job) -> None:
@@ -222,8 +222,12 @@ def stage_measure(job: Job) -> None:
         artifact_bytes=dir_size(job.staging.path),
         compile_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
-    if not job.target.is_host:
-        r.latency = LatencyReport(status="not measured", reason=f"target '{job.target.name}' is not this machine, and the roofline estimator does not exist yet")
+    elsewhere = job.target.not_runnable_here()
+    if elsewhere is not None:
+        # Built for another machine: nothing runs here. The graph verify (optimized ONNX vs source ONNX under ONNX
+        # Runtime) still ran; the build itself is checked on the device (autoglm-compile run ARTIFACT --check).
+        r.accuracy_reason = f"the build was not run against ONNX Runtime: {elsewhere}; only the optimized ONNX was verified (graph verify), run 'autoglm-compile run ARTIFACT --check' on the device"
+        r.latency = LatencyReport(status="not measured", reason=f"{elsewhere}, and the roofline estimator does not exist yet")
         return
     # Run the artifact as a user would: loaded from its folder by the runtime.
     compiled = load_artifact(job.staging.path)
@@ -278,7 +282,7 @@ STAGES: list[tuple[str, Callable[[Job], None]]] = [
 
 
 def resolve_config(opts: CompileOptions) -> PipelineConfig:
-    cfg = load_config(opts.preset, opts.config_path)
+    cfg = load_config(opts.preset, opts.config_path, opts.precision)
     if opts.verify_each_pass:
         cfg.verify.each_pass = True
     if opts.seed is not None:
@@ -292,12 +296,15 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Rep
     progress = progress or Progress()
     config = resolve_config(opts)  # bad config and target fail before any work
     target = resolve_target(opts.target)
+    check_toolchain(target)  # a target this machine cannot build for fails here too
+    if config.precision not in target.precisions:
+        raise InputError(f"target '{target.name}' does not support {config.precision}", f"its precisions: {', '.join(target.precisions)}")
     output = opts.resolved_output()
     staging = Staging(output)
     job = Job(opts=opts, config=config, target=target, progress=progress, staging=staging)
     job.report = Report(
         tool_version=__version__, model=opts.source, frontend="?", target=target.name, target_kind=target.kind,
-        config=config.name, inputs=[], outputs=[],
+        config=config.name, precision=config.precision, inputs=[], outputs=[],
     )
     try:
         for name, fn in STAGES:

@@ -74,12 +74,14 @@ class Report(BaseModel):
     target: str
     target_kind: str
     config: str
+    precision: str = "fp32"
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     stages: list[StageTiming] = []
     passes: list[PassRecord] = []
     graph_verify: AccuracyReport | None = None
     accuracy: AccuracyReport | None = None
+    accuracy_reason: str | None = Field(None, description="why the build's outputs were not compared with ONNX Runtime")
     latency: LatencyReport | None = None
     baseline: BaselineReport | None = None
     memory: MemoryReport | None = None
@@ -98,7 +100,7 @@ def _ms(x: float | None) -> str:
 
 def summary_rows(r: Report) -> list[tuple[str, str]]:
     """The headline figures, shared by the console table and the Markdown."""
-    rows = [("model", f"{r.model} ({r.frontend})"), ("target", f"{r.target} ({r.target_kind})"), ("config", r.config)]
+    rows = [("model", f"{r.model} ({r.frontend})"), ("target", f"{r.target} ({r.target_kind})"), ("config", f"{r.config} ({r.precision})")]
     lat = r.latency
     if lat is not None and lat.stats is not None:
         s = lat.stats
@@ -116,6 +118,8 @@ def summary_rows(r: Report) -> list[tuple[str, str]]:
         a = r.accuracy
         worst = max(a.outputs, key=lambda o: o.max_abs, default=None)
         rows.append(("accuracy", f"{'PASS' if a.ok else 'FAIL'} vs {a.reference} (rtol {a.rtol:g}, atol {a.atol:g})" + (f"; max abs {worst.max_abs:.3g}, max rel {max(o.max_rel for o in a.outputs):.3g}" if worst else "")))
+    elif r.accuracy_reason is not None:
+        rows.append(("accuracy", f"not checked ({r.accuracy_reason})"))
     if r.graph_verify is not None:
         rows.append(("graph verify", f"{'PASS' if r.graph_verify.ok else 'FAIL'} (optimized vs source on onnxruntime)"))
     rows.append(("result", r.result))

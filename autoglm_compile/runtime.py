@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,11 @@ class CompiledModel:
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        spec = self.manifest["target"].get("tvm", {})
+        arch = str((spec.get("host") or spec).get("mtriple", "")).split("-")[0]
+        here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+        if arch and arch != here:
+            raise ArtifactError(f"{self.path}: built for {arch} ({self.manifest['target']['name']}), and this machine is {here}", "copy the artifact to the target device and run it there")
         self.inputs = self.manifest["inputs"]
         self.outputs = self.manifest["outputs"]
         kind = device or self.manifest["target"]["device"]

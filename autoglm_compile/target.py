@@ -28,6 +28,11 @@ class CpuSpec(_Strict):
     features: list[str] = Field(default_factory=list, description="LLVM -mattr features, e.g. +avx2, +dotprod")
     cores: int | None = Field(None, ge=1, description="cores used by the runtime")
 
+    @property
+    def arch(self) -> str:
+        """The triple's architecture, e.g. x86_64 or aarch64."""
+        return self.triple.split("-")[0]
+
 
 class CudaSpec(_Strict):
     arch: str = Field(pattern=r"^sm_\d+[a-z]?$", description="CUDA SM architecture, e.g. sm_90")
@@ -70,7 +75,25 @@ class TargetDescriptor(_Strict):
     @property
     def is_host(self) -> bool:
         """Whether artifacts for this target run (and are measured) on this machine."""
-        return self.kind == "cpu" and self.cpu is not None and self.cpu.triple.split("-")[0] == host_arch()
+        return self.not_runnable_here() is None
+
+    def not_runnable_here(self) -> str | None:
+        """Why this target's artifacts cannot run on this machine, or None when they can: a CPU target runs here
+        only if its triple's arch is this machine's and this CPU has every ISA extension its code may use."""
+        if self.kind == "cuda":
+            assert self.cuda is not None  # guaranteed by the validator
+            return f"target '{self.name}' is a CUDA GPU ({self.cuda.arch}) and this machine runs no CUDA code"
+        if self.kind != "cpu":
+            return f"target '{self.name}' is a {self.kind} device, not this machine"
+        if self.detect_host:
+            return None
+        assert self.cpu is not None  # guaranteed by the validator
+        if self.cpu.arch != host_arch():
+            return f"target '{self.name}' is {self.cpu.arch} code and this machine is {host_arch()}"
+        missing = missing_cpu_features(self.tvm_target())
+        if missing:
+            return f"target '{self.name}' uses {', '.join(missing)}, which this CPU lacks"
+        return None
 
     def tvm_target(self) -> dict:
         """The TVM 0.27 target as a JSON dict (TVM no longer takes CLI strings)."""
@@ -115,6 +138,35 @@ def physical_cores() -> int:
     except ImportError:  # pragma: no cover - psutil is a dependency
         pass
     return os.cpu_count() or 1
+
+
+# LLVM feature name -> the flag Linux reports in /proc/cpuinfo, for the ISA extensions that decide whether code
+# runs here. LLVM features not listed (tuning hints such as fast-gather) never make code unrunnable.
+_CPUINFO_FLAG = {
+    # x86-64
+    "sse4.1": "sse4_1", "sse4.2": "sse4_2", "ssse3": "ssse3", "avx": "avx", "avx2": "avx2", "fma": "fma",
+    "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "avx512f": "avx512f", "avx512bw": "avx512bw",
+    "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+    "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16", "avxvnni": "avx_vnni", "amx-tile": "amx_tile",
+    "amx-int8": "amx_int8", "amx-bf16": "amx_bf16",
+    # aarch64
+    "neon": "asimd", "fullfp16": "asimdhp", "dotprod": "asimddp", "sve": "sve", "sve2": "sve2", "i8mm": "i8mm",
+    "bf16": "bf16",
+}
+
+
+def missing_cpu_features(llvm_target: dict) -> list[str]:
+    """The ISA extensions that code for `llvm_target` (its mcpu and mattr) may use and this CPU lacks."""
+    import tvm
+    from tvm.target import codegen
+
+    wanted = codegen.llvm_get_cpu_features(tvm.target.Target(llvm_target))
+    flags = set(cpu_flags())
+    if not flags:  # no /proc/cpuinfo: ask LLVM what this CPU has
+        host = detect_host_cpu()
+        have = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mtriple": host.triple, "mcpu": host.mcpu}))
+        return sorted(f for f in wanted if f in _CPUINFO_FLAG and f not in have)
+    return sorted(f for f in wanted if f in _CPUINFO_FLAG and _CPUINFO_FLAG[f] not in flags)
 
 
 def cpu_flags() -> list[str]:

@@ -128,5 +128,8 @@ def build(lowered, target) -> BuildResult:
     return BuildResult(ex, planned, count)
 
 
-def export(result: BuildResult, path: str) -> None:
-    result.executable.export_library(path)
+def export(result: BuildResult, path: str, desc: TargetDescriptor, target) -> None:
+    """Write the library: linked for the descriptor's CPU, with CUDA code compiled for its SM (see toolchain)."""
+    from .toolchain import export_library
+
+    export_library(result.executable, path, desc, target)

@@ -143,7 +143,19 @@ def case_output_not_artifact(tmp_path, conv):
     return [conv, "-o", out], "exists and is not an autoglm-compile artifact", "choose another -o path"
 
 
+def case_precision_not_on_target(tmp_path, conv):
+    target = tmp_path / "fp32only.yaml"
+    target.write_text("name: fp32only\ndescription: a CPU without fp16\nkind: cpu\nbackend: tvm\ndetect_host: true\nprecisions: [fp32]\n")
+    return [conv, "--target", target, "--precision", "fp16"], "target 'fp32only' does not support fp16", "its precisions: fp32"
+
+
+def case_unknown_precision(tmp_path, conv):
+    return [conv, "--precision", "int4"], "unknown precision 'int4'", "valid precisions: fp32, fp16"
+
+
 CASES = {
+    "precision-not-on-target": case_precision_not_on_target,
+    "unknown-precision": case_unknown_precision,
     "missing-file": case_missing_file,
     "random-bytes": case_random_bytes,
     "truncated-protobuf": case_truncated,

@@ -72,3 +72,28 @@ def test_unknown_key_lists_valid_keys(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(InputError, match="config file not found"):
         load_config(path=tmp_path / "nope.yaml")
+
+
+def test_tolerances_follow_the_precision(tmp_path):
+    fp16 = load_config("O2", precision="fp16")
+    assert [p.name for p in fp16.passes][-1] == "convert-float16" and fp16.precision == "fp16"
+    assert (fp16.verify.rtol, fp16.verify.atol) == (1e-3, 2.5e-3)
+    assert load_config("O2").precision == "fp32"
+    f = tmp_path / "half.yaml"  # a config that converts itself gets fp16 tolerances too, unless it states its own
+    f.write_text("extends: O2\npasses: [pin-shapes, convert-float16]\n")
+    assert (load_config(path=f).verify.rtol, load_config(path=f).verify.atol) == (1e-3, 2.5e-3)
+    assert [p.name for p in load_config(path=f, precision="fp16").passes] == ["pin-shapes", "convert-float16"]  # not twice
+    f.write_text("extends: O2\npasses: [pin-shapes, convert-float16]\nverify: {atol: 0.05}\n")
+    assert load_config(path=f).verify.atol == 0.05
+
+
+@pytest.mark.parametrize("precision, message, hint", [
+    ("int4", "unknown precision 'int4'", "fp32, fp16"),
+    ("fp32", "converts to a lower precision", "drop --precision"),
+])
+def test_bad_precision(tmp_path, precision, message, hint):
+    f = tmp_path / "half.yaml"
+    f.write_text("extends: O2\npasses: [pin-shapes, convert-float16]\n")
+    with pytest.raises(InputError) as e:
+        load_config(path=f, precision=precision)
+    assert message in str(e.value) and hint in e.value.hint and e.value.exit_code == ExitCode.USAGE

@@ -1,6 +1,7 @@
 """Target descriptors: the schema, resolution by name / alias / path, host detection."""
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 import pytest
@@ -83,3 +84,60 @@ def test_unknown_target_lists_valid_ones():
 def test_missing_target_file():
     with pytest.raises(InputError, match="target file not found"):
         resolve_target("nowhere/t.yaml")
+
+
+# ----------------------------------------------------------------------------------- the descriptors in scope
+
+IN_SCOPE = {
+    "host", "x86-64-avx2", "x86-64-avx512", "nvidia-h100", "nvidia-a100", "nvidia-l4", "nvidia-rtx4090",
+    "jetson-orin", "jetson-orin-nano", "jetson-xavier", "arm-cortex-a76", "arm-neoverse-v1", "arm-cortex-a78",
+    "ascend-910b", "ascend-310p", "cambricon-mlu370",
+}
+
+
+def test_every_target_in_scope_is_shipped():
+    assert set(builtin_targets()) >= IN_SCOPE
+
+
+@pytest.mark.parametrize("alias, name", [("jetson", "jetson-orin"), ("h100", "nvidia-h100"), ("arm", "arm-cortex-a76"), ("ascend", "ascend-910b")])
+def test_aliases_resolve(alias, name):
+    assert resolve_target(alias).name == name
+
+
+def test_names_and_aliases_are_unique():
+    targets = builtin_targets()
+    seen = list(targets) + [a for d in targets.values() for a in d.aliases]
+    assert len(seen) == len(set(seen)), sorted(n for n in seen if seen.count(n) > 1)
+
+
+@pytest.mark.parametrize("name", sorted(IN_SCOPE - {"host"}))
+def test_descriptor_has_roofline_figures_with_sources(name):
+    desc = builtin_targets()[name]
+    assert desc.memory_bandwidth_gbps and desc.memory_capacity_gb
+    assert set(desc.precisions) <= set(desc.peak_flops), f"{name}: a peak figure for every precision it lists"
+    assert all(v > 1e9 for v in desc.peak_flops.values())
+    comment = "\n".join(line for line in resources.files("autoglm_compile.targets").joinpath(f"{name}.yaml").read_text().splitlines() if line.startswith("#"))
+    assert re.search(r'"[A-Z][^"]{8,}"', comment), f"{name}: the comment names its source documents in quotes"
+    for key in desc.peak_flops:
+        assert f"peak_flops.{key}" in comment or f"/ {key}" in comment, f"{name}: the source of peak_flops.{key}"
+
+
+def test_descriptor_kinds_are_consistent():
+    for desc in builtin_targets().values():
+        if desc.kind == "cuda":
+            assert desc.cpu is not None, f"{desc.name}: a CUDA target names its host CPU"
+        if desc.cpu is not None and desc.cpu.arch == "aarch64":
+            assert desc.cpu.triple == "aarch64-linux-gnu" and desc.cpu.mcpu
+    jetson = resolve_target("jetson")
+    assert jetson.cuda.arch == "sm_87" and jetson.cpu.arch == "aarch64"
+    assert not resolve_target("jetson-xavier").cuda.nvcc_supported
+
+
+@pytest.mark.parametrize("name", sorted(n for n, d in builtin_targets().items() if d.cpu is not None))
+def test_cpu_names_are_known_to_llvm(name):
+    import tvm
+    from tvm.target import codegen
+
+    desc = builtin_targets()[name]
+    assert codegen.llvm_is_valid_cpu(desc.cpu.mcpu or "generic", desc.cpu.triple)
+    tvm.target.Target(desc.tvm_target()["host"] if desc.kind == "cuda" else desc.tvm_target())
