@@ -1,0 +1,171 @@
+"""Calibrate the roofline estimate (autoglm_compile.estimate) against measured latencies.
+
+Two commands:
+
+  host MODEL.onnx [--dim k=v ...]
+      Compile for `host` (the report has the measured TVM and ONNX Runtime latencies and the estimate) and print
+      estimate / measured ratios. Slow: untuned TVM on CPU takes seconds per ResNet-50 run.
+
+  estimate MODEL.onnx [--dim k=v ...] --target T [--target T2 ...] [--bandwidth-gbps B]
+      Print the estimate of the optimized graph for each target (B replaces the descriptor's bandwidth).
+
+  gpu-build MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100]
+      Build for a CUDA target here, with the weights kept as parameters (graph inputs) so that the library holds
+      code only and fits the GPU machine's 64 MiB transfer limit. Writes OUT_DIR/{model.so, graph.onnx, meta.json}:
+      graph.onnx is the optimized graph with the weights as inputs (for the ONNX Runtime reference there), and
+      meta.json holds each weight's shape, dtype, mean and std (integer tensors: their values), the inputs, and the
+      roofline estimate for the target. benchmarks/roofline_device.py runs it on the GPU.
+
+The optimized graph is the one `autoglm-compile --target T` builds (the O2 passes); the CUDA schedule is the
+default one (DLight), untuned, the same as the pipeline's `default` strategy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoglm_compile.estimate import estimate, roofline_for, skeleton  # noqa: E402
+from autoglm_compile.target import resolve_target  # noqa: E402
+
+# The H200 the device tool lends: the H100 SXM's GH100 compute (same SM count and clocks, NVIDIA H200 datasheet:
+# 67 TFLOP/s fp32, 989 TFLOP/s dense bf16/fp16) with HBM3e at 4.8 TB/s.
+H200_BANDWIDTH_GBPS = 4800.0
+
+
+def optimized(model_path: str, dims: list[str], preset: str = "O2"):
+    """(optimized ONNX, input specs): what the pipeline's load/validate/passes stages produce."""
+    from autoglm_compile.config import load_config
+    from autoglm_compile.frontends import load
+    from autoglm_compile.inputs import resolve_inputs
+    from autoglm_compile.pass_manager import PassContext, run_passes
+
+    loaded = load(model_path)
+    specs = resolve_inputs(loaded.model, [], dims)
+    ctx = PassContext(input_shapes={s.name: list(s.shape) for s in specs}, input_dtypes={s.name: s.dtype for s in specs},
+                      ir_version=loaded.model.ir_version, log=lambda _: None)
+    model, _ = run_passes(loaded.model, load_config(preset).passes, ctx)
+    return model, specs
+
+
+def gpu_build(args) -> None:
+    from autoglm_compile.inputs import InputSpec
+    from autoglm_compile.tvm_build import build, import_relax, lower
+    from autoglm_compile.toolchain import check_toolchain, export_library
+
+    desc = resolve_target(args.target)
+    check_toolchain(desc)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, specs = optimized(args.model, args.dim)
+    shapes = {s.name: list(s.shape) for s in specs}
+    # Weights become graph inputs named w0, w1, ...: TVM names the kernels' parameters after them, and a folded
+    # constant's name ("/m/embeddings/Gather_output_0") is no C identifier.
+    rename = {t.name: f"w{i}" for i, t in enumerate(t for t in model.graph.initializer if math.prod(t.dims) >= args.min_elements)}
+    for node in model.graph.node:
+        for j, x in enumerate(node.input):
+            if x in rename:
+                node.input[j] = rename[x]
+    for t in model.graph.initializer:
+        t.name = rename.get(t.name, t.name)
+    skel = skeleton(model, min_elements=args.min_elements, input_shapes=shapes)
+    data_inputs = [s.as_dict() for s in specs]
+    weights = []
+    for t in model.graph.initializer:
+        if math.prod(t.dims) < args.min_elements:
+            continue
+        a = numpy_helper.to_array(t)
+        w = {"name": t.name, "shape": list(a.shape), "dtype": a.dtype.name}
+        if np.issubdtype(a.dtype, np.floating):
+            w.update(mean=float(a.mean()), std=float(a.std()))
+        else:
+            w["values"] = a.ravel().tolist()  # position ids and the like: small, and their values matter
+        weights.append(w)
+    all_specs = list(specs) + [InputSpec(w["name"], tuple(w["shape"]), w["dtype"]) for w in weights]
+    onnx.save(skel, str(out / "graph.onnx"))
+    mod = import_relax(skel, all_specs)
+    lowered, target = lower(mod, desc, "default")
+    built = build(lowered, target)
+    export_library(built.executable, str(out / "model.so"), desc, target)
+    build_s = time.perf_counter() - t0
+    est = estimate(model, roofline_for(desc), shapes)
+    roof = roofline_for(desc)
+    h200 = estimate(model, type(roof)(roof.peak_flops, H200_BANDWIDTH_GBPS, roof.launch_overhead_us, "nvidia-h100 descriptor, bandwidth 4.8 TB/s (H200 HBM3e)"), shapes)
+    meta = {
+        "model": Path(args.model).name, "target": desc.name, "tvm_target": desc.tvm_target(), "inputs": data_inputs,
+        "weights": weights, "outputs": [o.name for o in model.graph.output], "build_seconds": build_s,
+        "estimate": est.model_dump(), "estimate_h200": h200.model_dump(),
+    }
+    (out / "meta.json").write_text(json.dumps(meta) + "\n")
+    print(f"{args.model}: built for {desc.name} in {build_s:.1f} s, library {(out / 'model.so').stat().st_size / 2**20:.1f} MiB, "
+          f"{len(weights)} weights as parameters; estimate {est.total_ms:.3f} ms (H100), {h200.total_ms:.3f} ms (H200 bandwidth)")
+
+
+def host(args) -> None:
+    from autoglm_compile.pipeline import CompileOptions, compile_model
+
+    out = Path(args.out or f"/tmp/roofline/{Path(args.model).stem}")
+    report = compile_model(CompileOptions(source=args.model, output=out, dims=args.dim, runs=args.runs))
+    e = report.estimate
+    tvm_ms = report.latency.stats.p50_ms
+    ort_ms = report.baseline.stats.p50_ms if report.baseline else float("nan")
+    print(json.dumps({
+        "model": args.model, "estimate_ms": e.total_ms, "figures": e.figures_from, "tvm_p50_ms": tvm_ms,
+        "tvm_runs": report.latency.stats.runs, "ort_p50_ms": ort_ms, "threads": report.latency.threads,
+        "estimate_over_tvm": e.total_ms / tvm_ms, "estimate_over_ort": e.total_ms / ort_ms,
+        "compute_bound_ms": e.compute_bound_ms, "memory_bound_ms": e.memory_bound_ms, "overhead_ms": e.overhead_ms,
+        "gflop": e.total_flops / 1e9, "mbytes": e.total_bytes / 1e6, "kernels": e.kernels,
+    }, indent=2))
+
+
+def estimate_cmd(args) -> None:
+    """Print the estimate of the optimized graph for each target (optionally with another bandwidth)."""
+    model, specs = optimized(args.model, args.dim)
+    shapes = {s.name: list(s.shape) for s in specs}
+    for name in args.target:
+        roof = roofline_for(resolve_target(name))
+        if args.bandwidth_gbps:
+            roof = type(roof)(roof.peak_flops, args.bandwidth_gbps, roof.launch_overhead_us, f"{roof.figures_from}, bandwidth {args.bandwidth_gbps:g} GB/s")
+        e = estimate(model, roof, shapes)
+        print(json.dumps({"model": args.model, "target": name, "figures": e.figures_from, "estimate_ms": e.total_ms,
+                          "compute_bound_ms": e.compute_bound_ms, "memory_bound_ms": e.memory_bound_ms, "overhead_ms": e.overhead_ms,
+                          "kernels": e.kernels, "gflop": e.total_flops / 1e9, "mbytes": e.total_bytes / 1e6,
+                          "top_ops": [(o.name, o.op_type, round(o.ms * 1e3, 2), o.bound) for o in e.top_ops[:5]]}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("host")
+    h.add_argument("model")
+    h.add_argument("--dim", action="append", default=[])
+    h.add_argument("--runs", type=int, default=5)
+    h.add_argument("-o", "--out")
+    g = sub.add_parser("gpu-build")
+    g.add_argument("model")
+    g.add_argument("out")
+    g.add_argument("--dim", action="append", default=[])
+    g.add_argument("--target", default="nvidia-h100")
+    g.add_argument("--min-elements", type=int, default=1024, help="initializers this large become parameters")
+    e = sub.add_parser("estimate")
+    e.add_argument("model")
+    e.add_argument("--dim", action="append", default=[])
+    e.add_argument("--target", action="append", default=[])
+    e.add_argument("--bandwidth-gbps", type=float)
+    args = p.parse_args()
+    {"host": host, "gpu-build": gpu_build, "estimate": estimate_cmd}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
