@@ -95,6 +95,28 @@ def bert_tiny(path: Path) -> Path:
     return bert(path, seq=16, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=1000)
 
 
+def gpt2(path: Path, seq: int = 128, **config) -> Path:
+    """transformers GPT2Config() (GPT-2 small, 124M, unless overridden): the decoder stack without the LM head and
+    without a KV cache, causal attention, batch and sequence dims dynamic."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(attn_implementation="eager", use_cache=False, **config))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    names = ["input_ids", "attention_mask"]
+    args = (torch.randint(0, 1000, (1, seq)), torch.ones(1, seq, dtype=torch.long))
+    return _export(Wrap(), args, names, ["last_hidden_state"], path, {n: {0: "batch", 1: "sequence"} for n in names})
+
+
 def small_cnn():
     """A torch CNN factory (conv, batchnorm, residual, pooling, linear) for `module:factory` builds."""
     import torch
@@ -117,7 +139,7 @@ def small_cnn():
     return SmallCNN().eval()
 
 
-MODELS = {"resnet50": resnet50, "mobilenet-v2": mobilenet_v2, "bert": bert, "bert-tiny": bert_tiny}
+MODELS = {"resnet50": resnet50, "mobilenet-v2": mobilenet_v2, "bert": bert, "bert-tiny": bert_tiny, "gpt2": gpt2}
 
 
 def main() -> None:
