@@ -35,15 +35,25 @@ def fail(e: CompileError) -> typer.Exit:
 class RichProgress:
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self._status = None
+        self._stage = ""
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         if self.quiet:
             yield
             return
-        with err.status(f"[bold]{name}[/]…", spinner="dots"):
-            yield
+        with err.status(f"[bold]{name}[/]…", spinner="dots") as status:
+            self._status, self._stage = status, name
+            try:
+                yield
+            finally:
+                self._status = None
         err.print(f"[green]✓[/] {name}", highlight=False)
+
+    def update(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(f"[bold]{self._stage}[/] {text}")
 
     def note(self, text: str) -> None:
         if not self.quiet:
@@ -60,6 +70,8 @@ def compile_cmd(
     dump_config: bool = typer.Option(False, "--dump-config", help="print the resolved config and exit"),
     input_shape: List[str] = typer.Option([], "--input-shape", "-s", help="NAME=1x3x224x224[:dtype]; repeatable"),
     dim: List[str] = typer.Option([], "--dim", help="value for a symbolic dim by name, e.g. batch=1; repeatable"),
+    sample_inputs: Optional[Path] = typer.Option(None, "--sample-inputs", help="FILE.npz (arrays by input name) or a folder of .npz files: verification and latency use them instead of random inputs"),
+    input_value: List[str] = typer.Option([], "--input-value", help="NAME=V: freeze a scalar input into the graph as a constant (before the passes); repeatable"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow full unpickling of a PyTorch file"),
     weights: Optional[str] = typer.Option(None, "--weights", help="state_dict for a module:factory model (loaded with weights_only=True)"),
     archive: bool = typer.Option(False, "--archive", help="also write <output>.tar.gz"),
@@ -69,6 +81,14 @@ def compile_cmd(
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 (adds convert-float16; fp16 tolerances)"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="budget on p50 latency (exit 4)"),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="budget on max abs error (exit 4)"),
+    fallback: Optional[str] = typer.Option(None, "--fallback", help="onnxruntime|none: run the nodes the target cannot (TVM: nodes its importer lacks; NPU: outside the vendor's op list) on ONNX Runtime's CPU provider [default: onnxruntime on TVM targets, none on NPU targets]"),
+    no_fallback: bool = typer.Option(False, "--no-fallback", help="short for --fallback none"),
+    backend: str = typer.Option("tvm", "--backend", help="tvm, or auto: also time the whole model on ONNX Runtime and package the faster (the report keeps TVM's own latency)"),
+    tune: bool = typer.Option(False, "--tune", help="tune the schedules with MetaSchedule (llvm targets); results are cached per target and reused"),
+    tune_trials: Optional[int] = typer.Option(None, "--tune-trials", min=1, help="max tuning trials over all tasks (implies --tune) [default: 64 per task]"),
+    tune_time: Optional[str] = typer.Option(None, "--tune-time", help="tuning time budget: seconds or 90s, 10m, 1h30m (implies --tune) [default: 10m]"),
+    tuning_db: Optional[Path] = typer.Option(None, "--tuning-db", help="tuning database folder, e.g. one shared in CI (implies --tune) [default: ~/.cache/autoglm-compile/tuning]"),
+    tune_strict: bool = typer.Option(False, "--tune-strict", help="fail (exit 2) on a task missing from the tuning database instead of tuning it (implies --tune)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no table"),
 ) -> None:
@@ -78,14 +98,20 @@ def compile_cmd(
 
     opts = CompileOptions(
         source=model, target=target, output=output, preset=f"O{opt_level}", config_path=config,
-        input_shapes=list(input_shape), dims=list(dim), trust_pickle=trust_pickle, weights=weights, archive=archive,
+        input_shapes=list(input_shape), dims=list(dim), sample_inputs=sample_inputs, input_values=list(input_value), trust_pickle=trust_pickle, weights=weights, archive=archive,
         seed=seed, runs=runs, verify_each_pass=verify_each_pass, precision=precision, max_latency_ms=max_latency_ms, max_error=max_error,
+        fallback="none" if no_fallback else fallback, backend=backend,
+        tune=tune, tune_trials=tune_trials, tune_time=tune_time, tuning_db=tuning_db, tune_strict=tune_strict,
     )
     try:
+        if no_fallback and fallback not in (None, "none"):
+            raise CompileError(f"--no-fallback and --fallback {fallback} contradict each other", "give one of them")
         if dump_config:
             import yaml
 
-            typer.echo(yaml.safe_dump(resolve_config(opts).model_dump(), sort_keys=False))
+            from .target import resolve_target
+
+            typer.echo(yaml.safe_dump(resolve_config(opts, resolve_target(opts.target)).model_dump(), sort_keys=False))
             return
         report = compile_model(opts, RichProgress(quiet or as_json))
         code = 0
@@ -205,7 +231,7 @@ def passes_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     from .pass_manager import registered_passes
 
     passes = registered_passes()
-    rows = {n: {"doc": c.doc(), "options": {k: repr(f.default) for k, f in c.Options.model_fields.items()}, "module": c.__module__} for n, c in passes.items()}
+    rows = {n: {"doc": c.doc(), "options": {k: "(required)" if f.is_required() else repr(f.default) for k, f in c.Options.model_fields.items()}, "module": c.__module__} for n, c in passes.items()}
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -5,9 +5,10 @@ an error that lists the valid ones.
 """
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -50,6 +51,46 @@ class ScheduleConfig(_Strict):
     strategy: str = "default"
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)?")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from a number or a duration such as '90', '90s', '10m', '1.5h' or '1h30m'. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        parts = list(_DURATION_PART.finditer(text))
+        if not text or "".join(p.group(0) for p in parts) != text or (len(parts) > 1 and any(p.group(2) is None for p in parts)):
+            raise ValueError(f"not a duration: {value!r} (give seconds, or e.g. 90s, 10m, 1h30m)")
+        units = [p.group(2) or "s" for p in parts]
+        if len(set(units)) != len(units):
+            raise ValueError(f"not a duration: {value!r} (a unit appears twice)")
+        seconds = sum(float(p.group(1)) * {"h": 3600, "m": 60, "s": 1}[u] for p, u in zip(parts, units))
+    if seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {value!r}")
+    return seconds
+
+
+class TuneConfig(_Strict):
+    """MetaSchedule tuning, used when schedule.strategy is 'tune' (--tune). Results go to a target-aware tuning
+    database that later builds reuse; see autoglm_compile/tuning.py."""
+
+    trials: int | None = Field(None, ge=1, description="max trials in one run over all tasks; default: trials_per_task x tasks to tune")
+    trials_per_task: int = Field(64, ge=1, description="max trials for one task")
+    time_budget: float | None = Field(600.0, description="seconds of tuning, or a duration ('90s', '10m', '1h30m'); null: no limit")
+    database: str | None = Field(None, description="tuning database folder; default: $XDG_CACHE_HOME/autoglm-compile/tuning (~/.cache/...)")
+    strict: bool = Field(False, description="fail on a task missing from the database instead of tuning it (reproducible CI builds)")
+    cost_model: Literal["xgb", "random"] = Field("xgb", description="MetaSchedule's cost model: xgb (its default) or random (no xgboost)")
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return v if v is None else parse_duration(v)
+
+
 class MeasureConfig(_Strict):
     enabled: bool = True
     warmup: int = Field(1, ge=0)
@@ -65,6 +106,7 @@ class PipelineConfig(_Strict):
     passes: list[PassSpec] = Field(default_factory=list)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
 
     @property
@@ -97,6 +139,26 @@ class PipelineConfig(_Strict):
                 item = {"name": name, "options": opts or {}}
             out.append(item)
         return out
+
+
+def apply_tune_flags(cfg: PipelineConfig, trials: int | None = None, time: str | float | None = None,
+                     database: str | Path | None = None, strict: bool = False) -> None:
+    """--tune and the --tune-* flags (each implies --tune): the 'tune' schedule strategy, with the flags given
+    overriding the config's tune: section."""
+    cfg.schedule.strategy = "tune"
+    if trials is not None:
+        if trials < 1:
+            raise InputError(f"--tune-trials must be at least 1, got {trials}", "give the number of tuning trials, e.g. --tune-trials 200")
+        cfg.tune.trials = trials
+    if time is not None:
+        try:
+            cfg.tune.time_budget = parse_duration(time)
+        except ValueError as e:
+            raise InputError(f"--tune-time: {e}", "give seconds or a duration: --tune-time 90s, 10m, 1h30m") from None
+    if database is not None:
+        cfg.tune.database = str(database)
+    if strict:
+        cfg.tune.strict = True
 
 
 def _read_yaml(path: str, text: str) -> dict:

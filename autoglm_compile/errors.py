@@ -38,6 +38,11 @@ class ToolchainError(CompileError):
     """A compiler or linker the target needs is missing here, or cannot produce code for the target."""
 
 
+class TuningError(CompileError):
+    """Tuning cannot be done as asked: a task missing from the tuning database under --tune-strict, or tasks to tune
+    for a target that is not this machine (tuning measures candidates where it runs)."""
+
+
 class AccuracyError(CompileError):
     exit_code = ExitCode.ACCURACY
 

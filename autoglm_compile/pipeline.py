@@ -23,7 +23,7 @@ import onnx
 
 from . import __version__
 from .artifact import REPORT_FILES, Staging, dir_size, file_hashes, sha256, write_archive
-from .config import PipelineConfig, load_config
+from .config import PipelineConfig, apply_tune_flags, load_config
 from .errors import AccuracyError, BudgetError, CompileError, InputError
 from .frontends import LoadedModel, load
 from .inputs import RANDOM_INPUT_RULE, InputSpec, index_ranges, random_inputs, resolve_inputs
@@ -33,6 +33,7 @@ from .report import BaselineReport, LatencyReport, MemoryReport, Report, StageTi
 from .runtime import FORMAT_VERSION, LIBRARY, MANIFEST
 from .target import TargetDescriptor, resolve_target
 from .toolchain import check_toolchain
+from . import vendor
 
 
 @dataclass
@@ -53,6 +54,15 @@ class CompileOptions:
     precision: str | None = None  # fp16 adds convert-float16 to the passes; None: what the config says
     max_latency_ms: float | None = None
     max_error: float | None = None
+    fallback: str | None = None  # onnxruntime | none (NPU targets: nodes outside the vendor's op list); None: none
+    tune: bool = False  # --tune: schedule.strategy 'tune'; each tune_* below implies it
+    tune_trials: int | None = None
+    tune_time: str | float | None = None  # seconds or a duration: '90s', '10m', '1h30m'
+    tuning_db: Path | None = None
+    tune_strict: bool = False
+    backend: str = "tvm"  # --backend auto: package ONNX Runtime instead when it is faster (partition.choose_backend)
+    sample_inputs: Path | None = None  # --sample-inputs: an .npz (arrays by input name) or a folder of them
+    input_values: list[str] = field(default_factory=list)  # --input-value NAME=V: scalar inputs frozen as constants
 
     def resolved_output(self) -> Path:
         if self.output is not None:
@@ -70,6 +80,9 @@ class Progress:
 
     def note(self, text: str) -> None:
         pass
+
+    def update(self, text: str) -> None:
+        """The running stage's status line (e.g. tuning: tasks done, trials, best latency)."""
 
 
 @dataclass
@@ -90,12 +103,20 @@ class Job:
     tvm_target: object = None
     build: object = None
     report: Report | None = None
+    fallback: str = "none"
+    input_rule: str = RANDOM_INPUT_RULE  # where the verification inputs came from (stated in the report)
+    samples: list = field(default_factory=list)  # (file, feeds, reference) of the sample inputs after the first
+    partition: object = None  # partition.Plan when some nodes run on ONNX Runtime (--fallback onnxruntime)
 
 
 # ------------------------------------------------------------------------------------------------------ stages
 
 def stage_load(job: Job) -> None:
     job.loaded = load(job.opts.source, job.opts.input_shapes, job.opts.trust_pickle, job.opts.weights)
+    if job.opts.input_values:  # before the passes, so control flow on a frozen input folds
+        from .samples import freeze_inputs
+
+        job.loaded.model = freeze_inputs(job.loaded.model, job.opts.input_values)
     job.model = job.loaded.model
 
 
@@ -103,12 +124,26 @@ def stage_validate(job: Job) -> None:
     model = job.model
     # PyTorch entries were given their shapes at export; ONNX models take --input-shape / --dim here.
     shapes = job.opts.input_shapes if job.loaded.frontend == "onnx" else []
+    samples = []
+    if job.opts.sample_inputs is not None:
+        from . import samples as _samples
+
+        samples = _samples.load_samples(job.opts.sample_inputs)
+        if job.loaded.frontend == "onnx":  # dynamic dims left open take the first sample's
+            given = {s.split("=")[0] for s in shapes}
+            shapes = list(shapes) + _samples.sample_shapes(model, samples[0][1], given)
     job.inputs = resolve_inputs(model, shapes, job.opts.dims)
     job.output_names = [o.name for o in model.graph.output]
-    seed = job.config.verify.seed if job.opts.seed is None else job.opts.seed
-    job.feeds = random_inputs(job.inputs, seed, index_ranges(model))
+    if samples:
+        _samples.check_samples(samples, job.inputs)
+        job.feeds = samples[0][1]
+        job.input_rule = _samples.describe(job.opts.sample_inputs, len(samples))
+    else:
+        seed = job.config.verify.seed if job.opts.seed is None else job.opts.seed
+        job.feeds = random_inputs(job.inputs, seed, index_ranges(model))
     try:
         job.reference = run_ort(model, job.feeds)
+        job.samples = [(f, feeds, run_ort(model, feeds)) for f, feeds in samples[1:]]
     except Exception as e:
         raise InputError(f"ONNX Runtime cannot run the source model: {str(e).strip().splitlines()[0][:300]}", "the reference run failed: check the model and the input shapes") from None
 
@@ -153,7 +188,9 @@ def stage_verify(job: Job) -> None:
     if not job.config.verify.graph:
         return
     result = _check_graph(job, job.model, "after the graph stage")
-    result.inputs = RANDOM_INPUT_RULE
+    for _file, feeds, ref in job.samples:  # the other sample inputs: the worst error per output
+        result = _worst(result, compare(run_ort(job.model, feeds), ref, job.output_names, result.rtol, result.atol))
+    result.inputs = job.input_rule
     job.report.graph_verify = result
     if not result.ok:
         bad = next(o for o in result.outputs if not o.ok)
@@ -162,20 +199,49 @@ def stage_verify(job: Job) -> None:
 
 def stage_import(job: Job) -> None:
     from .tvm_build import import_relax
+    from . import partition
 
+    if partition.needed(job):  # nodes TVM cannot import: TVM / ONNX Runtime segments (--fallback none: exit 2 here)
+        partition.stage_import(job)
+        return
     job.relax_mod = import_relax(job.model, job.inputs)
 
 
 def stage_schedule(job: Job) -> None:
-    from .tvm_build import lower
+    from .tvm_build import ScheduleContext, lower
 
-    job.lowered, job.tvm_target = lower(job.relax_mod, job.target, job.config.schedule.strategy)
+    if job.partition is not None:
+        from .partition import stage_schedule as schedule_segments
+
+        return schedule_segments(job)
+    ctx = ScheduleContext(desc=job.target, tune=job.config.tune, progress=job.progress)
+    try:
+        job.lowered, job.tvm_target = lower(job.relax_mod, job.target, job.config.schedule.strategy, ctx)
+    except Exception as e:  # --fallback onnxruntime: isolate the nodes TVM cannot lower (partition.recover)
+        from .partition import recover
+
+        if not recover(job, e):
+            raise
+    finally:
+        job.report.tuning = ctx.tuning or job.report.tuning
+        job.report.warnings += ctx.warnings
 
 
 def stage_build(job: Job) -> None:
     from .tvm_build import build, export
 
-    job.build = build(job.lowered, job.tvm_target)
+    if job.partition is not None:
+        from .partition import stage_build as build_segments
+
+        return build_segments(job)
+    try:
+        job.build = build(job.lowered, job.tvm_target)
+    except Exception as e:  # --fallback onnxruntime: isolate the nodes TVM cannot build (partition.recover)
+        from .partition import recover, stage_build as build_segments
+
+        if not recover(job, e):
+            raise
+        return build_segments(job)
     export(job.build, str(job.staging.path / LIBRARY), job.target, job.tvm_target)
 
 
@@ -208,6 +274,10 @@ def stage_package(job: Job) -> None:
         "files": file_hashes(root),
         "reports": list(REPORT_FILES),
     }
+    if job.partition is not None:
+        from .partition import manifest_entries
+
+        manifest.update(manifest_entries(job))
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -223,18 +293,24 @@ def stage_measure(job: Job) -> None:
         compile_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
     elsewhere = job.target.not_runnable_here()
+    r.estimate = roofline_estimate(job)
     if elsewhere is not None:
         # Built for another machine: nothing runs here. The graph verify (optimized ONNX vs source ONNX under ONNX
         # Runtime) still ran; the build itself is checked on the device (autoglm-compile run ARTIFACT --check).
         r.accuracy_reason = f"the build was not run against ONNX Runtime: {elsewhere}; only the optimized ONNX was verified (graph verify), run 'autoglm-compile run ARTIFACT --check' on the device"
-        r.latency = LatencyReport(status="not measured", reason=f"{elsewhere}, and the roofline estimator does not exist yet")
+        if r.estimate is None:
+            r.latency = LatencyReport(status="not measured", reason=f"{elsewhere}, and the target has no figures for a roofline estimate")
+        else:
+            r.latency = LatencyReport(status="estimate", reason=elsewhere, estimate_ms=r.estimate.total_ms)
         return
     # Run the artifact as a user would: loaded from its folder by the runtime.
     compiled = load_artifact(job.staging.path)
     outputs = compiled(job.feeds)
     v = job.config.verify
     r.accuracy = compare(outputs, job.reference, job.output_names, v.rtol, v.atol)
-    r.accuracy.inputs = RANDOM_INPUT_RULE
+    for _file, feeds, ref in job.samples:
+        r.accuracy = _worst(r.accuracy, compare(compiled(feeds), ref, job.output_names, v.rtol, v.atol))
+    r.accuracy.inputs = job.input_rule
     r.output_summary = [summarize(n, a) for n, a in zip(job.output_names, outputs)]
     if not r.accuracy.ok:
         return  # no point timing a wrong build
@@ -248,12 +324,39 @@ def stage_measure(job: Job) -> None:
     with job.progress.stage("measure: TVM"):
         stats = time_runs(lambda: compiled.run_prepared(args), m.warmup, runs, min(m.min_runs, runs), m.max_seconds)
     r.latency = LatencyReport(status="measured", threads=threads, stats=stats)
+    if job.partition is not None:
+        from .partition import measure_split
+
+        measure_split(job, compiled)
     if m.baseline:
         restore_affinity()
         with job.progress.stage("measure: ONNX Runtime"):
             sess = ort_session(job.loaded.model, threads=threads)
             base = time_runs(lambda: sess.run(None, job.feeds), m.warmup, runs, min(m.min_runs, runs), m.max_seconds)
         r.baseline = BaselineReport(runtime=f"onnxruntime (CPU, all graph optimizations, source model)", threads=threads, stats=base, ratio=stats.p50_ms / base.p50_ms)
+    if job.opts.backend == "auto":  # package the faster of the TVM build and ONNX Runtime (partition.choose_backend)
+        from .partition import choose_backend
+
+        choose_backend(job, compiled)
+
+
+def _worst(a, b):
+    """Two accuracy results on different inputs as one: per output, the larger errors; ok only if both are."""
+    outs = [x.model_copy(update={"max_abs": max(x.max_abs, y.max_abs), "max_rel": max(x.max_rel, y.max_rel), "ok": x.ok and y.ok,
+                                 "shape_mismatch": x.shape_mismatch or y.shape_mismatch}) for x, y in zip(a.outputs, b.outputs)]
+    return a.model_copy(update={"ok": a.ok and b.ok, "outputs": outs})
+
+
+def roofline_estimate(job: Job):
+    """The roofline estimate of the optimized graph on the target (autoglm_compile.estimate), or None with a
+    warning when the target has no peak FLOP/s or bandwidth."""
+    from .estimate import estimate_for_target
+
+    try:
+        return estimate_for_target(job.model, job.target, {s.name: list(s.shape) for s in job.inputs})
+    except ValueError as e:
+        job.report.warnings.append(f"no roofline estimate: {e}")
+        return None
 
 
 def summarize(name: str, a: np.ndarray) -> dict:
@@ -280,13 +383,32 @@ STAGES: list[tuple[str, Callable[[Job], None]]] = [
     ("report", stage_report),
 ]
 
+# The vendor-onnx backend (NPU targets, autoglm_compile/vendor.py): the same graph stages, whose passes end with
+# decompose-ops and convert-opset to the vendor's opset (vendor.adapt_config); then the vendor's operator coverage
+# instead of TVM import, schedule and build; the artifact is the vendor-ready ONNX with a runner.
+VENDOR_STAGES: list[tuple[str, Callable[[Job], None]]] = [
+    ("load", stage_load),
+    ("validate", stage_validate),
+    ("passes", stage_passes),
+    ("verify", stage_verify),
+    ("coverage", vendor.stage_coverage),
+    ("package", vendor.stage_package),
+    ("measure", vendor.stage_measure),
+    ("report", stage_report),
+]
 
-def resolve_config(opts: CompileOptions) -> PipelineConfig:
-    cfg = load_config(opts.preset, opts.config_path, opts.precision)
+
+def resolve_config(opts: CompileOptions, target: TargetDescriptor | None = None) -> PipelineConfig:
+    precision = opts.precision if target is None else vendor.default_precision(target, opts.precision)
+    cfg = load_config(opts.preset, opts.config_path, precision)
+    if target is not None and target.backend == "vendor-onnx":
+        cfg = vendor.adapt_config(cfg, target)
     if opts.verify_each_pass:
         cfg.verify.each_pass = True
     if opts.seed is not None:
         cfg.verify.seed = opts.seed
+    if opts.tune or opts.tune_trials is not None or opts.tune_time is not None or opts.tuning_db is not None or opts.tune_strict:
+        apply_tune_flags(cfg, opts.tune_trials, opts.tune_time, opts.tuning_db, opts.tune_strict)
     return cfg
 
 
@@ -294,20 +416,34 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Rep
     """Compile and verify; returns the report. Raises a CompileError subclass on a user error, a failed accuracy
     check (AccuracyError, nothing written) or a failed budget (BudgetError, the artifact is written)."""
     progress = progress or Progress()
-    config = resolve_config(opts)  # bad config and target fail before any work
-    target = resolve_target(opts.target)
+    target = resolve_target(opts.target)  # bad target and config fail before any work
+    config = resolve_config(opts, target)
     check_toolchain(target)  # a target this machine cannot build for fails here too
+    if config.schedule.strategy == "tune":
+        from .tuning import check_tunable
+
+        check_tunable(target, config.tune)
+    if target.backend == "tvm":
+        from .partition import resolve_fallback
+
+        fallback = resolve_fallback(opts.fallback)  # default onnxruntime: per-subgraph fallback (partition.py)
+    else:
+        fallback = vendor.resolve_fallback(target, opts.fallback)
+    if opts.backend != "tvm":
+        from .partition import check_backend_option
+
+        check_backend_option(opts.backend, target)
     if config.precision not in target.precisions:
         raise InputError(f"target '{target.name}' does not support {config.precision}", f"its precisions: {', '.join(target.precisions)}")
     output = opts.resolved_output()
     staging = Staging(output)
-    job = Job(opts=opts, config=config, target=target, progress=progress, staging=staging)
+    job = Job(opts=opts, config=config, target=target, progress=progress, staging=staging, fallback=fallback)
     job.report = Report(
         tool_version=__version__, model=opts.source, frontend="?", target=target.name, target_kind=target.kind,
         config=config.name, precision=config.precision, inputs=[], outputs=[],
     )
     try:
-        for name, fn in STAGES:
+        for name, fn in VENDOR_STAGES if target.backend == "vendor-onnx" else STAGES:
             t0 = time.perf_counter()
             with progress.stage(name):
                 try:

@@ -5,6 +5,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from .estimate import EstimateReport
+from .partition import BackendChoice, FallbackReport, markdown as fallback_markdown, summary_row as fallback_row
 from .pass_manager import PassRecord
 
 REPORT_VERSION = 1
@@ -42,6 +44,7 @@ class AccuracyReport(BaseModel):
 class LatencyReport(BaseModel):
     status: str  # measured | estimate | not measured
     reason: str | None = None
+    estimate_ms: float | None = Field(None, description="with status 'estimate': the roofline estimate (see Report.estimate)")
     threads: int | None = None
     stats: LatencyStats | None = None
 
@@ -59,6 +62,58 @@ class MemoryReport(BaseModel):
     planned_storages: int | None = None
     artifact_bytes: int | None = None
     compile_peak_rss_bytes: int
+
+
+class CpuNode(BaseModel):
+    """A node that the target's runtime has no kernel for, which runs on the CPU (--fallback onnxruntime)."""
+
+    name: str
+    op: str
+    domain: str = ""
+
+
+class VendorReport(BaseModel):
+    """The vendor-onnx backend (NPU targets): what the artifact holds for the vendor's runtime."""
+
+    vendor: str
+    runtime: str = Field(description="what runs model.onnx on the device, e.g. ONNX Runtime with CANNExecutionProvider")
+    execution_provider: str
+    provider_options: dict[str, Any] = {}
+    opset: int
+    ir_version: int
+    op_list: str = Field(description="the supported-op list checked against, and its source")
+    fallback: str = "none"
+    cpu_nodes: list[CpuNode] = Field(default_factory=list, description="nodes outside the op list, run on the CPU")
+    offline_command: str | None = None
+    files: list[str] = []
+
+
+class TuningTask(BaseModel):
+    name: str
+    weight: int = Field(description="how many calls of the model run this task's kernel")
+    status: str = Field(description="cached (in the database, no trials now), tuned (in this run) or untuned (default schedule)")
+    trials: int = Field(0, description="trials spent on this task, in this run and before (counted in the database)")
+    best_us: float | None = Field(None, description="the schedule's measured time while tuning")
+    default_schedule: bool = Field(False, description="the default schedule measured faster than every tuned one, and is kept")
+
+
+class TuningReport(BaseModel):
+    database: str = Field(description="this target's folder in the tuning database")
+    target_key: str
+    strict: bool = False
+    tasks: int
+    hits: int = Field(description="tasks found in the database (no trials)")
+    misses: int = Field(description="tasks to tune: not in the database, or tuned there with fewer trials than trials_per_task (resumed)")
+    resumed: int = Field(0, description="misses that had records, tuned further from them")
+    trials: int = Field(0, description="candidates measured in this run")
+    trials_budget: int
+    time_budget_s: float | None = None
+    seconds: float = Field(0.0, description="the schedule stage: lookup, tuning and applying the database")
+    stopped_by: str | None = Field(None, description="'time budget' when the budget ended tuning before the trials did")
+    fell_back: bool = Field(False, description="the tuning subprocess crashed or timed out; tasks it had not measured use default schedules")
+    reason: str | None = None
+    untuned: list[str] = Field(default_factory=list, description="tasks left with their default schedule")
+    per_task: list[TuningTask] = Field(default_factory=list)
 
 
 class StageTiming(BaseModel):
@@ -84,8 +139,13 @@ class Report(BaseModel):
     accuracy_reason: str | None = Field(None, description="why the build's outputs were not compared with ONNX Runtime")
     latency: LatencyReport | None = None
     baseline: BaselineReport | None = None
+    estimate: EstimateReport | None = Field(None, description="roofline estimate from the target's peak FLOP/s and bandwidth")
     memory: MemoryReport | None = None
+    tuning: TuningReport | None = None
     output_summary: list[dict[str, Any]] = Field(default_factory=list, description="per output: shape, mean, std, sum of |x| on the seeded inputs")
+    vendor: VendorReport | None = None
+    fallback: FallbackReport | None = Field(None, description="TVM / ONNX Runtime segments, when some nodes fell back (--fallback onnxruntime)")
+    backend_choice: BackendChoice | None = Field(None, description="--backend auto: the TVM build against ONNX Runtime, and which the artifact runs")
     warnings: list[str] = []
     result: str = "ok"  # ok | accuracy-failed | budget-failed
 
@@ -106,20 +166,42 @@ def summary_rows(r: Report) -> list[tuple[str, str]]:
         s = lat.stats
         rows.append(("latency", f"p50 {_ms(s.p50_ms)}  mean {_ms(s.mean_ms)}  p90 {_ms(s.p90_ms)}  p99 {_ms(s.p99_ms)}  min {_ms(s.min_ms)}  max {_ms(s.max_ms)}  ({s.runs} runs, {lat.threads} threads)"))
         rows.append(("throughput", f"{s.throughput_per_s:.2f} /s"))
+    elif lat is not None and lat.estimate_ms is not None:
+        rows.append(("latency", f"estimate {_ms(lat.estimate_ms)} (roofline, not measured: {lat.reason})"))
     elif lat is not None:
         rows.append(("latency", f"{lat.status}" + (f" ({lat.reason})" if lat.reason else "")))
+    if r.estimate is not None:
+        e = r.estimate
+        rows.append(("roofline estimate", f"{_ms(e.total_ms)}: {_ms(e.compute_bound_ms)} compute-bound + {_ms(e.memory_bound_ms)} memory-bound + {_ms(e.overhead_ms)} launch ({e.kernels} kernels); {e.figures_from}"))
     if r.baseline is not None:
         b = r.baseline
         rows.append(("baseline", f"{b.runtime} p50 {_ms(b.stats.p50_ms)}; ours / baseline = {b.ratio:.2f}x"))
     if r.memory is not None:
         m = r.memory
-        rows.append(("memory", f"weights {_mib(m.weight_bytes)}, planned activations {_mib(m.planned_activation_bytes)} in {m.planned_storages} storages, artifact {_mib(m.artifact_bytes)}, compile peak RSS {_mib(m.compile_peak_rss_bytes)}"))
+        planned = "" if m.planned_activation_bytes is None else f", planned activations {_mib(m.planned_activation_bytes)} in {m.planned_storages} storages"
+        rows.append(("memory", f"weights {_mib(m.weight_bytes)}{planned}, artifact {_mib(m.artifact_bytes)}, compile peak RSS {_mib(m.compile_peak_rss_bytes)}"))
+    if r.tuning is not None:
+        t = r.tuning
+        line = f"{t.tasks} tasks: {t.hits} cached, {t.misses} missed" + (f" ({t.resumed} resumed)" if t.resumed else "") + f"; {t.trials} trials in {t.seconds:.1f} s; {len(t.untuned)} untuned"
+        if t.stopped_by:
+            line += f"; stopped by the {t.stopped_by}"
+        if t.fell_back:
+            line += f"; FELL BACK: {t.reason}"
+        rows.append(("tuning", line + f" (database {t.database})"))
     if r.accuracy is not None:
         a = r.accuracy
         worst = max(a.outputs, key=lambda o: o.max_abs, default=None)
         rows.append(("accuracy", f"{'PASS' if a.ok else 'FAIL'} vs {a.reference} (rtol {a.rtol:g}, atol {a.atol:g})" + (f"; max abs {worst.max_abs:.3g}, max rel {max(o.max_rel for o in a.outputs):.3g}" if worst else "")))
     elif r.accuracy_reason is not None:
         rows.append(("accuracy", f"not checked ({r.accuracy_reason})"))
+    if r.vendor is not None:
+        v = r.vendor
+        rows.append(("vendor", f"{v.runtime}, opset {v.opset}; {len(v.cpu_nodes)} node(s) on the CPU (--fallback {v.fallback})"))
+    if r.fallback is not None:
+        rows.append(fallback_row(r.fallback))
+    if r.backend_choice is not None:
+        c = r.backend_choice
+        rows.append(("backend (--backend auto)", f"packaged {c.chosen}: TVM build p50 {_ms(c.tvm_p50_ms)}, {c.runtime} p50 {_ms(c.onnxruntime_p50_ms)}"))
     if r.graph_verify is not None:
         rows.append(("graph verify", f"{'PASS' if r.graph_verify.ok else 'FAIL'} (optimized vs source on onnxruntime)"))
     rows.append(("result", r.result))
@@ -134,9 +216,31 @@ def to_markdown(r: Report) -> str:
     if r.passes:
         lines += ["", "## Graph passes", "", "| pass | changed | nodes before | nodes after | ops before | ops after | seconds |", "|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {p.name} | {p.changed} | {p.nodes_before} | {p.nodes_after} | {len(p.ops_before)} | {len(p.ops_after)} | {p.seconds:.2f} |" for p in r.passes]
+    if r.tuning is not None and r.tuning.per_task:
+        lines += ["", "## Tuning tasks", "", "| task | weight | status | schedule | best |", "|---|---:|---|---|---:|"]
+        lines += [f"| {t.name} | {t.weight} | {t.status} | {'default (faster)' if t.default_schedule else 'tuned' if t.best_us is not None else 'default (untuned)'} | {'-' if t.best_us is None else f'{t.best_us:.3g} µs'} |" for t in r.tuning.per_task]
     if r.accuracy is not None:
         lines += ["", f"## Accuracy (rtol {r.accuracy.rtol:g}, atol {r.accuracy.atol:g}; inputs: {r.accuracy.inputs})", "", "| output | max abs | max rel | ok |", "|---|---:|---:|---|"]
         lines += [f"| {o.name} | {o.max_abs:.3g} | {o.max_rel:.3g} | {o.ok} |" for o in r.accuracy.outputs]
+    if r.estimate is not None:
+        e = r.estimate
+        peaks = ", ".join(f"{k} {v / 1e12:g} TFLOP/s" for k, v in e.peak_flops.items())
+        lines += ["", f"## Roofline estimate: {_ms(e.total_ms)}", "", f"Figures: {e.figures_from} ({peaks}; {e.memory_bandwidth_gbps:g} GB/s; ridge point {e.ridge_point:.1f} FLOP/byte).", ""]
+        lines += [f"- {a}" for a in e.assumptions]
+        lines += ["", "| op | type | MFLOP | MB | FLOP/byte | est. us | bound |", "|---|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {o.name} | {o.op_type} | {o.flops / 1e6:.3f} | {o.bytes / 1e6:.3f} | {o.intensity:.1f} | {o.ms * 1e3:.2f} | {o.bound} |" for o in e.top_ops]
+        if e.skipped:
+            lines += ["", f"Left out (shapes unknown): {', '.join(e.skipped)}"]
+    if r.vendor is not None:
+        v = r.vendor
+        lines += ["", f"## Vendor runtime: {v.runtime}", "", f"- opset {v.opset}, IR version {v.ir_version}; provider options: {v.provider_options}", f"- operator coverage: {v.op_list}"]
+        if v.offline_command:
+            lines += [f"- offline conversion on the device: `{v.offline_command}`"]
+        if v.cpu_nodes:
+            lines += ["", f"Nodes outside the op list, on the CPU (--fallback {v.fallback}):", "", "| node | op |", "|---|---|"]
+            lines += [f"| {n.name} | {n.domain + '.' if n.domain else ''}{n.op} |" for n in v.cpu_nodes]
+    if r.fallback is not None:
+        lines += fallback_markdown(r.fallback)
     if r.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in r.warnings]
     return "\n".join(lines) + "\n"
@@ -160,6 +264,13 @@ def print_report(r: Report, console) -> None:
             stats = ", ".join(f"{k}={v}" for k, v in p.stats.items())
             pt.add_row(p.name, f"{p.nodes_before} → {p.nodes_after}", f"{len(p.ops_before)} → {len(p.ops_after)}", f"{p.seconds:.2f}", stats)
         console.print(pt)
+    if r.estimate is not None and r.estimate.top_ops:
+        et = Table(title=f"roofline estimate: top ops ({r.estimate.figures_from})", title_justify="left")
+        for col in ("op", "type", "est. us", "bound", "FLOP/byte"):
+            et.add_column(col)
+        for o in r.estimate.top_ops[:5]:
+            et.add_row(o.name, o.op_type, f"{o.ms * 1e3:.2f}", o.bound, f"{o.intensity:.1f}")
+        console.print(et)
     st = Table(title="stages", title_justify="left")
     st.add_column("stage")
     st.add_column("seconds", justify="right")

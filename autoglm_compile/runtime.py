@@ -101,8 +101,38 @@ class CompiledModel:
         return _flatten(self.run_prepared(self.prepare({**(feeds or {}), **kwargs})))
 
 
-def load(path: str | Path, device: str | None = None, threads: int | None = None) -> CompiledModel:
+class VendorModel:
+    """An artifact of the vendor-onnx backend (NPU targets): its model.onnx run by its runner (runners/runner.py,
+    which needs numpy and onnxruntime): on the NPU runtime where it is installed, else on ONNX Runtime's CPU."""
+
+    def __init__(self, path: str | Path, manifest: dict, cpu: bool = False):
+        from .runners.runner import Runner, RunnerError
+
+        self.path, self.manifest = Path(path), manifest
+        self.inputs, self.outputs = manifest["inputs"], manifest["outputs"]
+        self._error = RunnerError
+        try:
+            self._runner = Runner(self.path, cpu=cpu)
+        except RunnerError as e:
+            raise ArtifactError(str(e), e.hint) from None
+        self.device = self._runner.device
+
+    def __call__(self, feeds: dict[str, np.ndarray] | None = None, **kwargs: np.ndarray) -> list[np.ndarray]:
+        try:
+            return self._runner({**(feeds or {}), **kwargs})
+        except self._error as e:
+            raise ArtifactError(str(e), e.hint) from None
+
+
+def load(path: str | Path, device: str | None = None, threads: int | None = None):
     """Load an artifact. `threads` defaults to the cores this process may use."""
+    manifest = read_manifest(path)
+    if manifest.get("backend") == "vendor-onnx":
+        return VendorModel(path, manifest, cpu=device == "cpu")
+    if manifest.get("segments"):  # some nodes on ONNX Runtime (--fallback onnxruntime): needs onnxruntime too
+        from .fallback_runtime import PartitionedModel
+
+        return PartitionedModel(path, manifest, device, threads)
     return CompiledModel(path, device, threads)
 
 

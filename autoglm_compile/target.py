@@ -41,9 +41,12 @@ class CudaSpec(_Strict):
 
 class NpuSpec(_Strict):
     vendor: Literal["huawei-ascend", "cambricon"]
-    execution_provider: str
-    opset: int = Field(ge=7)
+    execution_provider: str = Field(description="the ONNX Runtime execution provider (…ExecutionProvider), or the vendor runtime that takes the ONNX where ONNX Runtime has none (MagicMind)")
+    opset: int = Field(ge=7, description="the ONNX opset the vendor ONNX is converted to")
     soc_version: str | None = None
+    prefer_fp16: bool = Field(False, description="convert to float16 (convert-float16, float32 inputs and outputs) unless --precision says otherwise")
+    op_list: str | None = Field(None, description="YAML list of the ONNX ops the vendor runtime supports, relative to targets/ (or to this file)")
+    provider_options: dict[str, str | int | float | bool] = Field(default_factory=dict, description="the runtime's options, written to the artifact's runner.json")
 
 
 class TargetDescriptor(_Strict):

@@ -4,7 +4,7 @@ This module imports the TVM compiler. The runtime side (autoglm_compile.runtime)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import onnx
@@ -52,13 +52,27 @@ def import_relax(model: onnx.ModelProto, inputs: list[InputSpec]):
 # ------------------------------------------------------------------------------------------- schedule strategies
 # A strategy turns the imported IRModule into a lowered one for the target. The tuning issue adds more.
 
-Strategy = Callable[[object, object], object]  # (IRModule, tvm.target.Target) -> lowered IRModule
+Strategy = Callable[..., object]  # (IRModule, tvm.target.Target[, ScheduleContext]) -> lowered IRModule
 _STRATEGIES: dict[str, Strategy] = {}
+_WITH_CONTEXT: set[str] = set()
 
 
-def register_strategy(name: str):
+@dataclass
+class ScheduleContext:
+    """What a strategy registered with takes_context=True gets besides the module and target, and what it reports."""
+
+    desc: TargetDescriptor
+    tune: object = None  # config.TuneConfig
+    progress: object = None  # pipeline.Progress (stage/note/update)
+    tuning: object = None  # report.TuningReport, set by the tune strategy
+    warnings: list[str] = field(default_factory=list)
+
+
+def register_strategy(name: str, *, takes_context: bool = False):
     def deco(fn: Strategy) -> Strategy:
         _STRATEGIES[name] = fn
+        if takes_context:
+            _WITH_CONTEXT.add(name)
         return fn
 
     return deco
@@ -77,6 +91,15 @@ def _default_strategy(mod, target):
         return relax.get_default_pipeline(target)(mod)
 
 
+@register_strategy("tune", takes_context=True)
+def _tune_strategy(mod, target, ctx: ScheduleContext):
+    """MetaSchedule tuning (the config's tune: section) with a target-aware tuning cache; default schedules for
+    anything untuned. llvm targets. See autoglm_compile/tuning.py."""
+    from .tuning import tune_and_lower
+
+    return tune_and_lower(mod, target, ctx)
+
+
 def make_target(desc: TargetDescriptor):
     import tvm
 
@@ -92,12 +115,14 @@ class BuildResult:
     storages: int
 
 
-def lower(mod, desc: TargetDescriptor, strategy: str):
+def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext | None = None):
     from .errors import InputError
 
     if strategy not in _STRATEGIES:
         raise InputError(f"unknown schedule strategy '{strategy}'", f"valid strategies: {', '.join(strategies())}")
     target = make_target(desc)
+    if strategy in _WITH_CONTEXT:
+        return _STRATEGIES[strategy](mod, target, context or ScheduleContext(desc=desc)), target
     return _STRATEGIES[strategy](mod, target), target
 
 

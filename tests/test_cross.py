@@ -1,7 +1,8 @@
 """Builds on this machine for every target kind, and the artifact each must produce: the x86 host build runs and
 is measured; x86-64-avx512 is built and runs only on a CPU with AVX-512; a CUDA build holds SASS and PTX for its SM
 (cuobjdump); an aarch64 build is an AArch64 ELF exporting the same entry points as the host build; Jetson is both;
-a target this machine cannot build for fails before any work with one line and a hint (exit 2)."""
+a target this machine cannot build for fails before any work with one line and a hint (exit 2). NPU targets
+(vendor-onnx backend) are tested in test_npu.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -90,7 +91,7 @@ def test_every_buildable_target_builds_the_artifact_of_its_kind(tmp_path, name, 
     if desc.is_host:
         assert report.latency.status == "measured" and report.accuracy.ok
     else:
-        assert report.latency.status == "not measured" and report.accuracy is None
+        assert report.latency.status == "estimate" and report.latency.estimate_ms > 0 and report.accuracy is None
         assert "not run against ONNX Runtime" in report.accuracy_reason
         assert "accuracy" in (out / "report.md").read_text() and "not checked" in (out / "report.md").read_text()
     codes = device_code(out / "model.so")
@@ -124,9 +125,9 @@ def test_avx512_without_avx512_is_built_not_run(tmp_path, monkeypatch):
     out, report = build(tmp_path, "x86-64-avx512")
     assert read_elf(out / "model.so").machine == "x86-64"
     lat = report.latency
-    assert lat.status == "not measured" and lat.stats is None and "avx512f" in lat.reason
+    assert lat.status == "estimate" and lat.stats is None and "avx512f" in lat.reason
     assert report.accuracy is None and "avx512f" in report.accuracy_reason
-    assert "latency | not measured" in (out / "report.md").read_text()
+    assert "latency | estimate" in (out / "report.md").read_text()
 
 
 def test_aarch64_targets_never_run_on_x86():
@@ -159,7 +160,7 @@ def test_cuda_library_holds_sass_and_ptx_for_its_sm(tmp_path, name, sm):
     for kernel in ("fused_conv2d_add_relu_kernel", "matmul_kernel", "mean_kernel"):
         assert f"Function {kernel}:" in usage, usage
     # Nothing ran here, and the report says so.
-    assert report.latency.status == "not measured" and "CUDA GPU" in report.latency.reason
+    assert report.latency.status == "estimate" and "CUDA GPU" in report.latency.reason
     assert report.accuracy is None and "this machine runs no CUDA code" in report.accuracy_reason
 
 
@@ -209,12 +210,9 @@ def test_aarch64_library_header_and_exports(tmp_path, host_entry_points):
 # ------------------------------------------------------------------------------------ what cannot be built here
 
 @pytest.mark.parametrize("name", ["ascend-910b", "ascend-310p", "cambricon-mlu370", "ascend"])
-def test_npu_targets_are_not_yet_supported(tmp_path, conv_onnx, name):
-    result = CliRunner().invoke(cli.app, ["compile", str(conv_onnx), "--target", name, "-o", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert lines[0].startswith("error: target '") and "vendor-onnx backend, which is not yet supported" in lines[0]
-    assert lines[1].startswith("Hint: ")
+def test_npu_targets_need_no_toolchain(name):
+    # The vendor-onnx backend writes ONNX for the vendor's runtime (tests/test_npu.py checks its artifacts).
+    check_toolchain(resolve_target(name))
 
 
 def test_missing_cross_linker_is_a_clear_error(tmp_path):

@@ -57,6 +57,9 @@ def test_wheel_contents(wheel):
         assert f"autoglm_compile/targets/{yaml_file}" in names
     for yaml_file in sorted(p.name for p in (REPO / "configs").glob("*.yaml")):
         assert f"autoglm_compile/configs/{yaml_file}" in names
+    for yaml_file in sorted(p.name for p in (REPO / "targets" / "ops").glob("*.yaml")):  # the NPU op lists
+        assert f"autoglm_compile/targets/ops/{yaml_file}" in names
+    assert {"autoglm_compile/runners/runner.py", "autoglm_compile/runners/build_magicmind.py"} <= set(names)
     assert "autoglm_compile/targets/host.yaml" in names and "autoglm_compile/configs/O2.yaml" in names
     assert "autoglm_compile/passes/fold_constants.py" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

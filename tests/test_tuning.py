@@ -1,0 +1,351 @@
+"""Tuning (schedule strategy 'tune'): the tune: config section and CLI flags, a tuned build of the conv net that
+matches ONNX Runtime, the target-aware cache (a second build tunes nothing), strict mode, and the fall back when the
+tuning subprocess crashes or is killed at its deadline.
+
+The tuned builds use MetaSchedule's random cost model and a handful of trials: they check the plumbing, not speed
+(benchmarks/ and docs/ hold the figures).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from autoglm_compile import cli, tuning
+from autoglm_compile.config import TuneConfig, load_config, parse_duration
+from autoglm_compile.errors import ExitCode, InputError, TuningError
+from autoglm_compile.pipeline import CompileOptions, Progress, compile_model, resolve_config
+from conftest import conv_net
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+QUICK = {"extends": "O2", "tune": {"cost_model": "random", "trials_per_task": 2}, "measure": {"runs": 3, "baseline": False}}
+
+
+def quick_config(tmp_path: Path, **tune) -> Path:
+    data = json.loads(json.dumps(QUICK))
+    data["tune"].update(tune)
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class Recorder(Progress):
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def update(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def build(model: Path, out: Path, db: Path, config: Path, progress=None, **opts):
+    return compile_model(CompileOptions(source=str(model), output=out, config_path=config, tune=True, tuning_db=db, **opts), progress)
+
+
+def no_worker(monkeypatch):
+    """Make starting a tuning subprocess fail loudly: a build that should tune nothing must not start one."""
+    monkeypatch.setattr(tuning, "worker_command", lambda spec: [sys.executable, "-c", "raise SystemExit('a tuning subprocess was started')"])
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("10m", 600), ("1h30m", 5400), ("1.5h", 5400), ("2m30s", 150), (" 10 m ", 600), (45, 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["10x", "m", "", "1m1m", "-5", "0", "10s5", "ten minutes"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_tune_section_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("extends: O2\nschedule: {strategy: tune}\ntune: {trials: 100, trials_per_task: 8, time_budget: 10m, database: /x/db, strict: true}\n")
+    cfg = load_config(path=path)
+    assert cfg.schedule.strategy == "tune"
+    assert cfg.tune == TuneConfig(trials=100, trials_per_task=8, time_budget=600, database="/x/db", strict=True)
+
+
+def test_tune_defaults_are_off():
+    cfg = load_config("O2")
+    assert cfg.schedule.strategy == "default"
+    assert cfg.tune.trials is None and cfg.tune.trials_per_task == 64 and cfg.tune.time_budget == 600 and not cfg.tune.strict
+
+
+@pytest.mark.parametrize("body, message", [
+    ("tune: {trails: 5}", "invalid config key 'tune.trails'"),
+    ("tune: {time_budget: soon}", "invalid config key 'tune.time_budget'"),
+    ("tune: {trials: 0}", "invalid config key 'tune.trials'"),
+    ("tune: {cost_model: mlp}", "invalid config key 'tune.cost_model'"),
+])
+def test_bad_tune_section(tmp_path, body, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"extends: O2\n{body}\n")
+    with pytest.raises(InputError) as e:
+        load_config(path=path)
+    assert message in str(e.value)
+
+
+def test_valid_keys_listed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tune: {trails: 5}\n")
+    with pytest.raises(InputError) as e:
+        load_config(path=path)
+    assert "valid keys: trials, trials_per_task, time_budget, database, strict, cost_model" in str(e.value)
+
+
+@pytest.mark.parametrize("opts, expect", [
+    ({"tune": True}, {"trials": None, "time_budget": 600.0}),
+    ({"tune_trials": 200}, {"trials": 200}),
+    ({"tune_time": "10m"}, {"time_budget": 600.0}),
+    ({"tune_time": "90s"}, {"time_budget": 90.0}),
+    ({"tuning_db": Path("/ci/db")}, {"database": "/ci/db"}),
+    ({"tune_strict": True}, {"strict": True}),
+])
+def test_flags_imply_tune(opts, expect):
+    cfg = resolve_config(CompileOptions(source="m.onnx", **opts))
+    assert cfg.schedule.strategy == "tune"
+    for k, v in expect.items():
+        assert getattr(cfg.tune, k) == v
+
+
+def test_cli_dump_config(conv_onnx):
+    result = runner.invoke(cli.app, ["compile", str(conv_onnx), "--tune-time", "10m", "--tune-trials", "50", "--dump-config"])
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["schedule"]["strategy"] == "tune" and cfg["tune"]["time_budget"] == 600 and cfg["tune"]["trials"] == 50
+
+
+@pytest.mark.parametrize("args, message, hint", [
+    (["--tune-time", "10x"], "--tune-time: not a duration: '10x'", "90s, 10m, 1h30m"),
+    (["--tune-trials", "0"], "", None),  # typer's own range check
+])
+def test_cli_bad_flags(conv_onnx, args, message, hint):
+    result = runner.invoke(cli.app, ["compile", str(conv_onnx), *args, "--dump-config"])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "Traceback" not in result.output
+    if message:
+        assert f"error: {message}" in result.stderr and f"Hint: give seconds or a duration: --tune-time {hint}" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------- the cache
+
+def test_target_key_is_target_aware():
+    import tvm
+
+    base = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2}
+    key = tuning.target_key(tvm.target.Target(base))
+    assert key == tuning.target_key(tvm.target.Target(dict(base), host={"kind": "llvm"}))  # the host does not count
+    assert key == tuning.target_key(tvm.target.Target(dict(reversed(list(base.items())))))  # nor the spelling
+    assert key != tuning.target_key(tvm.target.Target({**base, "mcpu": "skylake-avx512"}))
+    assert key != tuning.target_key(tvm.target.Target({**base, "num-cores": 16}))
+
+
+def test_default_database_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tuning.default_database_root() == tmp_path / "xdg" / "autoglm-compile" / "tuning"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tuning.default_database_root() == tmp_path / "home" / ".cache" / "autoglm-compile" / "tuning"
+
+
+# ---------------------------------------------------------------------------------------------- tuned builds
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """The conv net tuned with a few trials into a fresh database: (model, database, report, progress lines)."""
+    root = tmp_path_factory.mktemp("tuned")
+    model = root / "conv.onnx"
+    onnx.save(conv_net(batch=1), str(model))
+    progress = Recorder()
+    report = build(model, root / "out", root / "db", quick_config(root), progress, tune_trials=8)
+    return model, root / "db", report, progress.lines, root
+
+
+def test_tuned_build_is_correct_and_fills_the_database(tuned):
+    model, db, report, lines, root = tuned
+    t = report.tuning
+    assert report.accuracy.ok and report.result == "ok"
+    assert t.tasks == 4 and t.hits == 0 and t.misses == 4 and not t.fell_back and t.reason is None
+    assert t.trials > 0 and t.seconds > 0
+    assert {p.status for p in t.per_task} <= {"tuned", "untuned"} and any(p.status == "tuned" and p.best_us for p in t.per_task)
+    folder = Path(t.database)
+    assert folder.parent == db and folder.name == t.target_key
+    assert json.loads((folder / "target.json").read_text())["target"]["kind"] == "llvm"
+    records = (folder / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) == len(t.per_task) - len(t.untuned)  # one (the best) record per tuned task
+    assert (root / "out" / "report.json").exists() and json.loads((root / "out" / "report.json").read_text())["tuning"]["trials"] == t.trials
+
+
+def test_trials_are_counted_per_workload(tuned):
+    _, _, report, _, _ = tuned
+    ledger = json.loads((Path(report.tuning.database) / "trials.json").read_text())
+    assert sorted(e["name"] for e in ledger.values()) == sorted(p.name for p in report.tuning.per_task)
+    assert sum(e["trials"] for e in ledger.values()) == report.tuning.trials
+    assert {p.name: p.trials for p in report.tuning.per_task} == {e["name"]: e["trials"] for e in ledger.values()}
+
+
+def test_more_trials_per_task_resume_tuning(tuned, tmp_path, monkeypatch):
+    """Asking for more trials per task than the database has spent tunes those tasks further, from their records."""
+    model, db, first, _, _ = tuned
+    ledger = json.loads((Path(first.tuning.database) / "trials.json").read_text())
+    seen = {}
+
+    def fake_worker(spec, work, progress, total):
+        seen.update(spec)
+        run = tuning._WorkerRun()
+        run.finished = True
+        return run
+
+    monkeypatch.setattr(tuning, "run_worker", fake_worker)
+    report = build(model, tmp_path / "more", db, quick_config(tmp_path, trials_per_task=5))
+    open_tasks = [e for e in ledger.values() if not e["exhausted"] and e["trials"] < 5]
+    assert report.tuning.misses == report.tuning.resumed == len(open_tasks) > 0
+    assert sorted((t["name"], t["trials_done"]) for t in seen["tasks"]) == sorted((e["name"], e["trials"]) for e in open_tasks)
+    assert report.tuning.trials_budget == sum(5 - e["trials"] for e in open_tasks)
+    assert not report.tuning.untuned and report.accuracy.ok  # the records already there are applied
+
+
+def test_progress_line(tuned):
+    lines = tuned[3]
+    assert lines and lines[0].startswith("tuning: 0/4 tasks")
+    assert any("trials" in line and "best" in line for line in lines)
+
+
+def test_second_build_hits_the_cache(tuned, tmp_path, monkeypatch):
+    model, db, first, _, root = tuned
+    no_worker(monkeypatch)
+    report = build(model, tmp_path / "again", db, quick_config(tmp_path), tune_trials=8)
+    t = report.tuning
+    assert t.misses == 0 and t.hits == first.tuning.tasks - len(first.tuning.untuned) and t.trials == 0 and not t.fell_back
+    assert report.accuracy.ok
+
+
+def test_strict_build_from_a_full_database(tuned, tmp_path, monkeypatch):
+    model, db, first, _, root = tuned
+    if first.tuning.untuned:
+        pytest.skip("a task got no valid schedule in the few trials of the fixture")
+    no_worker(monkeypatch)
+    report = build(model, tmp_path / "strict", db, quick_config(tmp_path), tune_strict=True)
+    assert report.tuning.strict and report.tuning.hits == 4 and report.accuracy.ok
+
+
+def test_cache_is_shared_across_models(tuned, tmp_path, monkeypatch):
+    """Another model with the same conv (a different classifier) finds the conv's schedule in the cache."""
+    _, db, first, _, _ = tuned
+    other = conv_net(batch=1)
+    fc = next(t for t in other.graph.initializer if t.name == "fc")
+    fc.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(fc)[:2], "fc"))
+    other.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 2
+    path = tmp_path / "other.onnx"
+    onnx.save(other, str(path))
+    no_worker(monkeypatch)
+    with pytest.raises(TuningError) as e:
+        build(path, tmp_path / "other", db, quick_config(tmp_path), tune_strict=True)
+    assert f"{1 + len(first.tuning.untuned)} of 4 tasks are not in the tuning database" in str(e.value) and "matmul" in str(e.value)
+
+
+def test_strict_with_an_empty_database_exits_2(conv_onnx, tmp_path):
+    result = runner.invoke(cli.app, ["compile", str(conv_onnx), "-o", str(tmp_path / "out"), "--tune-strict", "--tuning-db", str(tmp_path / "empty")])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "Traceback" not in result.output
+    err = result.stderr.splitlines()
+    line = next(i for i, l in enumerate(err) if l.startswith("error: "))
+    assert "--tune-strict: 4 of 4 tasks are not in the tuning database" in err[line]
+    assert err[line + 1].startswith("Hint: tune them once without --tune-strict")
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_uses_the_user_cache_dir_by_default(conv_onnx, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    result = runner.invoke(cli.app, ["compile", str(conv_onnx), "-o", str(tmp_path / "out"), "--tune-strict"])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert str(tmp_path / "xdg" / "autoglm-compile" / "tuning") in result.stderr
+
+
+def test_crash_falls_back(conv_onnx, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(tuning, "worker_command", lambda spec: [sys.executable, "-c", "import os; os.abort()"])
+    report = build(conv_onnx, tmp_path / "out", tmp_path / "db", quick_config(tmp_path))
+    t = report.tuning
+    assert t.fell_back and "killed by signal SIGABRT" in t.reason and "its default (untuned) schedule" in t.reason
+    assert t.misses == 4 and sorted(t.untuned) == sorted(p.name for p in t.per_task)
+    assert any(w.startswith("tuning fell back to untuned schedules") for w in report.warnings)
+    assert report.accuracy.ok and (tmp_path / "out" / "report.json").exists()
+
+
+def test_error_exit_falls_back(conv_onnx, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(tuning, "worker_command", lambda spec: [sys.executable, "-c", "import sys; print('MetaSchedule blew up', file=sys.stderr); sys.exit(7)"])
+    report = build(conv_onnx, tmp_path / "out", tmp_path / "db", quick_config(tmp_path))
+    reason = report.tuning.reason
+    assert report.tuning.fell_back and "exited with status 7: MetaSchedule blew up" in reason
+    log = Path(reason.split("(log: ")[1].split(")")[0])  # kept out of the worker's temporary folder
+    assert log.parent == tmp_path / "xdg" / "autoglm-compile" / "logs" and "MetaSchedule blew up" in log.read_text()
+
+
+def test_timeout_falls_back(conv_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "worker_command", lambda spec: [sys.executable, "-c", "import time; time.sleep(120)"])
+    monkeypatch.setattr(tuning, "KILL_GRACE_S", 0.0)
+    report = build(conv_onnx, tmp_path / "out", tmp_path / "db", quick_config(tmp_path, time_budget=1))
+    t = report.tuning
+    assert t.fell_back and "hard deadline" in t.reason and t.seconds < 30
+    assert report.accuracy.ok and any("fell back" in w for w in report.warnings)
+
+
+def test_time_budget_stops_tuning(conv_onnx, tmp_path):
+    """The real worker with a budget that is spent before its first round: it stops cleanly (no fall back), and the
+    report says the budget stopped it and which tasks kept their default schedule."""
+    report = build(conv_onnx, tmp_path / "out", tmp_path / "db", quick_config(tmp_path, time_budget=0.01))
+    t = report.tuning
+    assert not t.fell_back and t.stopped_by == "time budget" and t.trials == 0
+    assert len(t.untuned) == 4 and any("use the default one" in w for w in report.warnings)
+    assert report.accuracy.ok
+
+
+def test_killed_worker_keeps_what_it_measured(tuned, tmp_path):
+    """A database cut off mid-line (the worker killed while writing) still yields its complete records."""
+    _, db, report, _, _ = tuned
+    folder = Path(report.tuning.database)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        text = (folder / name).read_text()
+        (work / name).write_text(text + text.splitlines()[-1][:40])  # a partial last line
+    salvaged = tuning._salvaged_database(work)
+    assert len(salvaged.get_all_tuning_records()) == len((folder / "database_tuning_record.json").read_text().splitlines())
+
+
+def test_tune_refuses_gpu_targets(conv_onnx, tmp_path):
+    from autoglm_compile.target import builtin_targets
+
+    gpu = next(n for n, t in builtin_targets().items() if t.kind == "cuda")
+    with pytest.raises(Exception) as e:
+        compile_model(CompileOptions(source=str(conv_onnx), target=gpu, output=tmp_path / "o", tune=True))
+    assert "tuning is implemented for CPU (llvm) targets only" in str(e.value)
+    assert getattr(e.value, "exit_code", None) == ExitCode.USAGE
+
+
+def test_tuning_for_another_machine_needs_its_database(conv_onnx, tmp_path):
+    """Tuning measures candidates where it runs: tasks missing for a cross target are an error, with a hint."""
+    from autoglm_compile.target import builtin_targets
+    from autoglm_compile.toolchain import check_toolchain
+
+    cross = next((t for t in builtin_targets().values() if t.kind == "cpu" and not t.is_host), None)
+    if cross is None:
+        pytest.skip("no CPU target that differs from this machine")
+    try:
+        check_toolchain(cross)
+    except Exception:
+        pytest.skip(f"no toolchain here for {cross.name}")
+    result = runner.invoke(cli.app, ["compile", str(conv_onnx), "-t", cross.name, "-o", str(tmp_path / "out"), "--tune", "--tuning-db", str(tmp_path / "db")])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "tuning measures candidates on this machine" in result.stderr
+    assert "Hint: tune on the target machine with the same --tuning-db" in result.stderr
