@@ -84,7 +84,7 @@ def bert(path: Path, seq: int = 128, **config) -> Path:
             out = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             return out.last_hidden_state, out.pooler_output
 
-    ids = torch.randint(0, 1000, (1, seq))
+    ids = torch.randint(0, min(1000, model.config.vocab_size), (1, seq))
     names = ["input_ids", "attention_mask", "token_type_ids"]
     args = (ids, torch.ones(1, seq, dtype=torch.long), torch.zeros(1, seq, dtype=torch.long))
     return _export(Wrap(), args, names, ["last_hidden_state", "pooler_output"], path, {n: {0: "batch", 1: "sequence"} for n in names})
@@ -113,7 +113,7 @@ def gpt2(path: Path, seq: int = 128, **config) -> Path:
             return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     names = ["input_ids", "attention_mask"]
-    args = (torch.randint(0, 1000, (1, seq)), torch.ones(1, seq, dtype=torch.long))
+    args = (torch.randint(0, min(1000, model.config.vocab_size), (1, seq)), torch.ones(1, seq, dtype=torch.long))
     return _export(Wrap(), args, names, ["last_hidden_state"], path, {n: {0: "batch", 1: "sequence"} for n in names})
 
 
