@@ -240,3 +240,15 @@ def test_a_copied_descriptor_with_its_own_op_list(tmp_path):
     (tmp_path / "mine.yaml").write_text(text.replace("name: ascend-910b", "name: my-ascend").replace("aliases: [ascend]", "aliases: []").replace("op_list: ops/huawei-ascend.yaml", "op_list: my_ops.yaml"))
     out, report = build(tmp_path, str(tmp_path / "mine.yaml"), model=fused_matmul_net())
     assert report.vendor.cpu_nodes == [] and "my_ops.yaml" in report.vendor.op_list and report.accuracy.ok
+
+
+def test_sample_inputs_check_every_file(tmp_path):
+    """--sample-inputs: the vendor ONNX is checked on every file, and the report says where the inputs came from."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        np.savez(samples / f"{i}.npz", x=rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    _, report = build(tmp_path, "ascend-910b", sample_inputs=samples)
+    assert report.accuracy is not None and report.accuracy.ok
+    assert "sample inputs from" in report.accuracy.inputs and "2 files" in report.accuracy.inputs
