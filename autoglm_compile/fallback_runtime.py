@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import INITIAL_AFFINITY, ArtifactError, restore_affinity
+from .runtime import INITIAL_AFFINITY, ArtifactError, check_feeds, restore_affinity
 
 
 def _to_numpy(value, on_cpu: bool) -> list[np.ndarray]:
@@ -67,18 +67,7 @@ class PartitionedModel:
                 self._steps.append(("onnxruntime", sess, ins, outs))
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [i["name"] for i in self.inputs]
-        missing = [n for n in names if n not in feeds]
-        extra = [n for n in feeds if n not in names]
-        if missing or extra:
-            raise ArtifactError(f"inputs do not match the artifact: missing {missing}, unexpected {extra}", f"the artifact takes: {', '.join(names)}")
-        out = {}
-        for spec in self.inputs:
-            a = np.asarray(feeds[spec["name"]])
-            if list(a.shape) != list(spec["shape"]) or a.dtype.name != spec["dtype"]:
-                raise ArtifactError(f"input '{spec['name']}' is {a.dtype.name}{list(a.shape)}, the artifact takes {spec['dtype']}{spec['shape']}", "reshape or cast the input")
-            out[spec["name"]] = np.ascontiguousarray(a)
-        return out
+        return check_feeds(self.inputs, feeds)
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.check_inputs(feeds)

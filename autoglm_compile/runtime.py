@@ -47,6 +47,23 @@ def _flatten(value) -> list[np.ndarray]:
     return out
 
 
+def check_feeds(inputs: list[dict], feeds: dict) -> dict[str, np.ndarray]:
+    """The feeds as contiguous arrays in the manifest's input order; ArtifactError naming the input that does not fit.
+    (runners/runner.py keeps its own copy: it runs inside the artifact without this package.)"""
+    names = [i["name"] for i in inputs]
+    missing = [n for n in names if n not in feeds]
+    extra = [n for n in feeds if n not in names]
+    if missing or extra:
+        raise ArtifactError(f"inputs do not match the artifact: missing {missing}, unexpected {extra}", f"the artifact takes: {', '.join(names)}")
+    out = {}
+    for spec in inputs:
+        a = np.asarray(feeds[spec["name"]])
+        if list(a.shape) != list(spec["shape"]) or a.dtype.name != spec["dtype"]:
+            raise ArtifactError(f"input '{spec['name']}' is {a.dtype.name}{list(a.shape)}, the artifact takes {spec['dtype']}{spec['shape']}", "reshape or cast the input")
+        out[spec["name"]] = np.ascontiguousarray(a)
+    return out
+
+
 class CompiledModel:
     """A loaded artifact: call it with a dict of arrays (or keyword arrays); it returns a list of numpy arrays."""
 
@@ -75,18 +92,7 @@ class CompiledModel:
         self._tensor = tvm.runtime.tensor
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        names = [i["name"] for i in self.inputs]
-        missing = [n for n in names if n not in feeds]
-        extra = [n for n in feeds if n not in names]
-        if missing or extra:
-            raise ArtifactError(f"inputs do not match the artifact: missing {missing}, unexpected {extra}", f"the artifact takes: {', '.join(names)}")
-        arrays = []
-        for spec in self.inputs:
-            a = np.asarray(feeds[spec["name"]])
-            if list(a.shape) != list(spec["shape"]) or a.dtype.name != spec["dtype"]:
-                raise ArtifactError(f"input '{spec['name']}' is {a.dtype.name}{list(a.shape)}, the artifact takes {spec['dtype']}{spec['shape']}", "reshape or cast the input")
-            arrays.append(np.ascontiguousarray(a))
-        return arrays
+        return list(check_feeds(self.inputs, feeds).values())
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> list:
         """Device tensors for the inputs, to time the model without host copies."""

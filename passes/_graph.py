@@ -21,6 +21,11 @@ def inferred(graph: gs.Graph, ir_version: int) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+def inferred_shapes(graph: gs.Graph, ir_version: int) -> dict:
+    """Tensor name -> shape (None where unknown) after ONNX shape inference; the graph itself is not changed."""
+    return {name: t.shape for name, t in inferred(graph, ir_version).tensors().items()}
+
+
 def bypass(graph: gs.Graph, node: gs.Node) -> bool:
     """Remove a single-input, single-output no-op node by wiring its input to its consumers.
 

@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 
 from autoglm_compile.pass_manager import GraphPass, PassContext, PassOptions, PassResult, register_pass
 
-from ._graph import bypass, inferred
+from ._graph import bypass, inferred_shapes
 
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -52,7 +52,7 @@ class CollapseReshapes(GraphPass):
         chains = reshape_chains(graph)
         if not chains:
             return PassResult(changed=False, stats={"collapsed": 0, "removed": 0})
-        shapes = {name: t.shape for name, t in inferred(graph, ctx.ir_version).tensors().items()}
+        shapes = inferred_shapes(graph, ctx.ir_version)
         collapsed = removed = 0
         for chain in chains:
             head, tail = chain[0], chain[-1]

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from autoglm_compile.pass_manager import GraphPass, PassContext, PassOptions, PassResult, register_pass
 
-from ._graph import inferred
+from ._graph import inferred_shapes
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
@@ -308,7 +308,7 @@ class DecomposeRNN(GraphPass):
         targets = [n for n in graph.nodes if n.op in GATES and n.op in opts.ops and (n.domain or "") in ("", "ai.onnx")]
         if not targets:
             return PassResult(changed=False, stats={"decomposed": {}, "skipped": {}})
-        shapes = {name: t.shape for name, t in inferred(graph, ctx.ir_version).tensors().items()}
+        shapes = inferred_shapes(graph, ctx.ir_version)
         opset = graph.opset
         taken = set(graph.tensors()) | {n.name for n in graph.nodes}
         decomposed: dict[str, int] = {}

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from autoglm_compile.pass_manager import GraphPass, PassContext, PassOptions, PassResult, register_pass
 
-from ._graph import bypass, inferred
+from ._graph import bypass, inferred_shapes
 
 # Ops whose no-op test needs static shapes; shape inference runs only when the graph has one of them.
 SHAPED = ("Reshape", "Expand", "Slice")
@@ -91,7 +91,7 @@ class EliminateNoops(GraphPass):
     def run(self, graph: gs.Graph, opts: Options, ctx: PassContext) -> PassResult:
         shapes: dict = {}
         if any(n.op in SHAPED for n in graph.nodes):
-            shapes = {name: t.shape for name, t in inferred(graph, ctx.ir_version).tensors().items()}
+            shapes = inferred_shapes(graph, ctx.ir_version)
         removed: dict[str, int] = {}
         for node in list(graph.nodes):
             if len(node.inputs) >= 1 and node.outputs and _is_noop(node, shapes, graph.outputs):

@@ -15,7 +15,7 @@ reaches it through one Expand, shared by the layers.
 
 mode "fold-scale": the pattern stays, with the scale folded into Wq and bq and the Mul/Div removed.
 
-Measured (2026-11-30) on a 2-core AMD EPYC (znver3), untuned TVM 0.27 (the host target's default schedule), 2
+Measured (2026-11-30) on a 2-core AMD EPYC (LLVM: znver4), untuned TVM 0.27 (the host target's default schedule), 2
 threads, batch 1, through compile_model: transformers' BertModel (eager attention, torch.manual_seed(0)) exported
 by torch.onnx with static shapes; each config is the O2 passes plus the named fusions. "compile_model" is
 report.latency p50 (runs=5) of one build; "rounds" then times every build again in interleaved rounds of 5 runs

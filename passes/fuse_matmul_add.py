@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 
 from autoglm_compile.pass_manager import GraphPass, PassContext, PassOptions, PassResult, register_pass
 
-from ._graph import inferred
+from ._graph import inferred_shapes
 
 
 def match_matmul_add(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node, gs.Constant]]:
@@ -54,7 +54,7 @@ class FuseMatMulAdd(GraphPass):
         matches = match_matmul_add(graph)
         if not matches:
             return PassResult(changed=False, stats={"fused": 0, "kept_nd": 0})
-        shapes = {name: t.shape for name, t in inferred(graph, ctx.ir_version).tensors().items()}
+        shapes = inferred_shapes(graph, ctx.ir_version)
         fused = kept = 0
         for mm, add, bias in matches:
             a = mm.inputs[0]
