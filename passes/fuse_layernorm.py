@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from autoglm_compile.pass_manager import GraphPass, PassContext, PassOptions, PassResult, export_model, register_pass
 
-from ._graph import inferred
+from ._graph import constant_nodes_to_initializers, inferred
 from ._match import const_value, fused_name, is_scalar, private, producer, replace, scalar, sole_consumer, split_const
 
 LAYERNORM_OPSET = 17
@@ -148,7 +148,9 @@ def fuse(graph: gs.Graph, m: LayerNormMatch) -> None:
 
 def upgraded(graph: gs.Graph, opset: int, ir_version: int) -> gs.Graph:
     model = onnx.version_converter.convert_version(export_model(graph, ir_version), opset)
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    constant_nodes_to_initializers(graph)  # the converter writes new axes inputs as Constant nodes
+    return graph
 
 
 @register_pass("fuse-layernorm")

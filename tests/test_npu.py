@@ -48,7 +48,8 @@ def elem_types(values) -> set[int]:
 
 def fused_matmul_net() -> onnx.ModelProto:
     """The conv net with its Gemm replaced by com.microsoft FusedMatMul: an op of ONNX Runtime's own, in no
-    vendor's op list and with no known rewrite (as in models that ONNX Runtime's optimizer saved)."""
+    vendor's op list (as in models that ONNX Runtime's optimizer saved). O2's decompose-contrib rewrites it as
+    standard ops; the tests of unsupported nodes build at -O 1, which does not."""
     m = conv_net(batch=1)
     g = m.graph
     gemm = next(n for n in g.node if n.op_type == "Gemm")
@@ -185,7 +186,7 @@ def test_layernorm_and_gelu_are_decomposed_for_the_vendor_opset(tmp_path):
 def test_unsupported_node_is_exit_2_listing_it(tmp_path):
     path = tmp_path / "fmm.onnx"
     onnx.save(fused_matmul_net(), str(path))
-    result = invoke(path, "--target", "ascend", "-o", tmp_path / "x", "-q")
+    result = invoke(path, "--target", "ascend", "-O", 1, "-o", tmp_path / "x", "-q")
     assert result.exit_code == 2 and "Traceback" not in result.output
     lines = result.stderr.splitlines()
     assert lines[0].startswith("error: target 'ascend-910b': 1 node(s) use ops outside the huawei-ascend supported-op list: 'fmm' (com.microsoft.FusedMatMul)")
@@ -193,11 +194,23 @@ def test_unsupported_node_is_exit_2_listing_it(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_o2_rewrites_the_contrib_op_for_the_vendor(tmp_path):
+    """At the default -O 2, decompose-contrib turns the FusedMatMul into standard ops the vendor lists."""
+    path = tmp_path / "fmm.onnx"
+    onnx.save(fused_matmul_net(), str(path))
+    out = tmp_path / "x"
+    result = invoke(path, "--target", "ascend", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["vendor"]["cpu_nodes"] == [] and report["accuracy"]["ok"]
+    assert all(n.domain in ("", "ai.onnx") for n in onnx.load(str(out / "model.onnx")).graph.node)
+
+
 def test_fallback_onnxruntime_lists_the_cpu_nodes(tmp_path):
     path = tmp_path / "fmm.onnx"
     onnx.save(fused_matmul_net(), str(path))
     out = tmp_path / "x"
-    result = invoke(path, "--target", "ascend-310p", "--fallback", "onnxruntime", "-o", out, "-q")
+    result = invoke(path, "--target", "ascend-310p", "-O", 1, "--fallback", "onnxruntime", "-o", out, "-q")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["vendor"]["fallback"] == "onnxruntime"
@@ -212,9 +225,9 @@ def test_fallback_onnxruntime_lists_the_cpu_nodes(tmp_path):
 def test_cambricon_cannot_fall_back(tmp_path):
     path = tmp_path / "fmm.onnx"
     onnx.save(fused_matmul_net(), str(path))
-    result = invoke(path, "--target", "cambricon-mlu370", "--fallback", "onnxruntime", "-o", tmp_path / "x")
+    result = invoke(path, "--target", "cambricon-mlu370", "-O", 1, "--fallback", "onnxruntime", "-o", tmp_path / "x")
     assert result.exit_code == 2 and "cannot hand nodes to the CPU" in result.stderr.splitlines()[0]
-    result = invoke(path, "--target", "cambricon-mlu370", "-o", tmp_path / "x")
+    result = invoke(path, "--target", "cambricon-mlu370", "-O", 1, "-o", tmp_path / "x")
     assert result.exit_code == 2 and "'fmm' (com.microsoft.FusedMatMul)" in result.stderr and "MagicMind has no CPU fallback" in result.stderr
 
 

@@ -57,3 +57,79 @@ def test_list_prints_the_input_shape_flags(capsys):
     assert "models/ppocrv4-det.onnx  --input-shape x=1x3x640x640" in out
     assert "models/ppocrv4-rec.onnx  --input-shape x=1x3x48x320" in out
     assert "models/ppocr-cls.onnx  --input-shape x=1x3x48x192" in out
+
+
+# ------------------------------------------------------------------------------ MiniLM through the PyTorch frontend
+
+def tiny_bert_folder(path):
+    """config.json + model.safetensors of a 2-layer, 32-wide BERT with seeded random weights, as `make models` lays
+    out MiniLM's (save_pretrained writes both)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+                                 max_position_embeddings=64))
+    model.save_pretrained(str(path), safe_serialization=True)
+    return model.eval()
+
+
+def test_minilm_factory_loads_the_trained_weights_and_pools(tmp_path):
+    import numpy as np
+    import torch
+
+    ref = tiny_bert_folder(tmp_path)
+    net = realmodels.minilm_from(tmp_path)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0  # padding in the second sequence
+    types = torch.zeros(2, 12, dtype=torch.long)
+    with torch.no_grad():
+        hidden, emb = net(ids, mask, types)
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    np.testing.assert_allclose(hidden.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    # Mean over the unmasked tokens only, then unit length (sentence-transformers' Pooling + Normalize).
+    mean1 = want[1, :7].mean(dim=0)
+    np.testing.assert_allclose(emb[1].numpy(), (mean1 / mean1.norm()).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(emb.numpy(), axis=1), [1.0, 1.0], rtol=1e-6)
+
+
+def test_minilm_entry_exports_through_the_pytorch_frontend(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from autoglm_compile.frontends import load
+    from autoglm_compile.measure import run_ort
+
+    tiny_bert_folder(tmp_path)
+    monkeypatch.setattr(realmodels, "MINILM_DIR", tmp_path)
+    shapes = [s.replace("128", "16") for s in realmodels.MINILM_INPUTS]
+    loaded = load(realmodels.MINILM_ENTRY, shapes)
+    assert loaded.frontend == "torch-factory"
+    assert [i.name for i in loaded.model.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    feeds = {"input_ids": np.arange(16, dtype=np.int64)[None] % 100, "attention_mask": np.ones((1, 16), np.int64),
+             "token_type_ids": np.zeros((1, 16), np.int64)}
+    with torch.no_grad():
+        want = realmodels.minilm_from(tmp_path)(*(torch.from_numpy(feeds[k]) for k in feeds))
+    for got, ref in zip(run_ort(loaded.model, feeds), want):
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_minilm_without_its_files_is_an_input_error(tmp_path):
+    from autoglm_compile.errors import InputError
+
+    with pytest.raises(InputError, match="config.json, model.safetensors not found") as e:
+        realmodels.minilm_from(tmp_path / "nowhere")
+    assert "make models" in e.value.hint
+
+
+def test_minilm_with_missing_weights_is_an_input_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from autoglm_compile.errors import InputError
+
+    tiny_bert_folder(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "layer.1." not in k}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="lacks"):
+        realmodels.minilm_from(tmp_path)
