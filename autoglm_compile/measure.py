@@ -46,19 +46,30 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nda
     return ort_session(model).run(None, feeds)
 
 
-def compare(actual: list[np.ndarray], expected: list[np.ndarray], names: list[str], rtol: float, atol: float) -> AccuracyReport:
-    """Element-wise check |a - e| <= atol + rtol * |e| (numpy.allclose's rule), per output."""
+def compare(actual: list[np.ndarray], expected: list[np.ndarray], names: list[str], rtol: float, atol: float, budget=None) -> AccuracyReport:
+    """Element-wise check |a - e| <= atol + rtol * |e| (numpy.allclose's rule), per output. With an accuracy budget
+    (precision.Budget: fp16, int8 and mixed builds) each output is checked against the budget's metric instead, and
+    max abs / max rel are only reported."""
+    from .precision import metric_value
+
     outs = []
     ok = len(actual) == len(expected)
     for name, a, e in zip(names, actual, expected):
         a64, e64 = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
         if a64.shape != e64.shape:
-            outs.append(OutputError(name=name, max_abs=float("inf"), max_rel=float("inf"), ok=False, shape_mismatch=True))
+            outs.append(OutputError(name=name, max_abs=float("inf"), max_rel=float("inf"), ok=False, shape_mismatch=True,
+                                    metric=None if budget is None else float("nan")))
             ok = False
             continue
         diff = np.abs(a64 - e64)
         rel = diff / np.maximum(np.abs(e64), 1e-12)
-        good = bool(np.all(diff <= atol + rtol * np.abs(e64))) and not np.any(np.isnan(a64) != np.isnan(e64))
-        outs.append(OutputError(name=name, max_abs=float(diff.max(initial=0.0)), max_rel=float(rel.max(initial=0.0)), ok=good))
+        nan_ok = not np.any(np.isnan(a64) != np.isnan(e64))
+        metric = None
+        if budget is None:
+            good = bool(np.all(diff <= atol + rtol * np.abs(e64))) and nan_ok
+        else:
+            metric = metric_value(budget.metric, a64, e64)
+            good = budget.holds(metric) and nan_ok
+        outs.append(OutputError(name=name, max_abs=float(diff.max(initial=0.0)), max_rel=float(rel.max(initial=0.0)), ok=good, metric=metric))
         ok = ok and good
-    return AccuracyReport(rtol=rtol, atol=atol, ok=ok, outputs=outs)
+    return AccuracyReport(rtol=rtol, atol=atol, ok=ok, outputs=outs, budget=budget)

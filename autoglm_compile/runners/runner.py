@@ -154,8 +154,25 @@ class Runner:
             return {k: z[k] for k in z.files}
 
 
-def compare(outputs: list[np.ndarray], expected: list[np.ndarray], rtol: float, atol: float) -> tuple[bool, float]:
-    """numpy.allclose's rule per output: |a - e| <= atol + rtol * |e|. Returns (all ok, max abs error)."""
+def _metric(metric: str, a: np.ndarray, e: np.ndarray) -> float:
+    """An accuracy budget's metric (autoglm_compile/precision.py has the same definitions)."""
+    if metric == "top1-agree":
+        a2, e2 = a.reshape(-1, a.shape[-1] if a.ndim else 1), e.reshape(-1, e.shape[-1] if e.ndim else 1)
+        return float(np.mean(np.argmax(a2, -1) == np.argmax(e2, -1))) if a2.size else 1.0
+    a, e = a.ravel(), e.ravel()
+    if metric == "cosine":
+        na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+        return 1.0 if na == ne == 0.0 else 0.0 if na == 0.0 or ne == 0.0 else float(np.dot(a, e) / (na * ne))
+    diff = float(np.max(np.abs(a - e), initial=0.0))
+    if metric == "max-rel":
+        scale = float(np.max(np.abs(e), initial=0.0))
+        return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    return diff
+
+
+def compare(outputs: list[np.ndarray], expected: list[np.ndarray], rtol: float, atol: float, budget: dict | None = None) -> tuple[bool, float]:
+    """numpy.allclose's rule per output: |a - e| <= atol + rtol * |e|; with an accuracy budget (fp16/int8 builds:
+    {metric, op, threshold}) the budget's metric per output instead. Returns (all ok, max abs error)."""
     ok, worst = len(outputs) == len(expected), 0.0
     for a, e in zip(outputs, expected):
         a64, e64 = np.asarray(a, np.float64), np.asarray(e, np.float64)
@@ -163,7 +180,11 @@ def compare(outputs: list[np.ndarray], expected: list[np.ndarray], rtol: float, 
             return False, float("inf")
         diff = np.abs(a64 - e64)
         worst = max(worst, float(diff.max(initial=0.0)))
-        ok = ok and bool(np.all(diff <= atol + rtol * np.abs(e64)))
+        if budget:
+            value = _metric(budget["metric"], a64, e64)
+            ok = ok and (value >= budget["threshold"] if budget["op"] == ">=" else value <= budget["threshold"])
+        else:
+            ok = ok and bool(np.all(diff <= atol + rtol * np.abs(e64)))
     return ok, worst
 
 
@@ -211,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         v = runner.config["verify"]
         with np.load(runner.folder / v["expected"]) as z:
             expected = [z[n] for n in names]
-        ok, worst = compare(outputs, expected, v["rtol"], v["atol"])
-        print(f"check vs ONNX Runtime on the source model (rtol {v['rtol']:g}, atol {v['atol']:g}): {'PASS' if ok else 'FAIL'}, max abs {worst:.3g}")
+        budget = v.get("budget")
+        ok, worst = compare(outputs, expected, v["rtol"], v["atol"], budget)
+        rule = f"budget {budget['metric']}{budget['op']}{budget['threshold']:g}" if budget else f"rtol {v['rtol']:g}, atol {v['atol']:g}"
+        print(f"check vs ONNX Runtime on the source model ({rule}): {'PASS' if ok else 'FAIL'}, max abs {worst:.3g}")
         if not ok:
             return EXIT_MISMATCH
     return 0

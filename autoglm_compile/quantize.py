@@ -1,0 +1,580 @@
+"""int8 and mixed precision: calibrated INT8 with ONNX Runtime's quantization tools, and accuracy-driven protection.
+
+It runs at the end of the graph stage (pipeline.stage_passes), on the optimized graph, and replaces it with a QDQ
+model (QuantizeLinear/DequantizeLinear around the quantized nodes), which is what the later stages build and what
+the artifact's model.opt.onnx holds:
+
+1. Calibration data: precision.calibration.data (--calib-data): an .npz with arrays by input name (an array with
+   one more leading dim than the input holds that many samples) or a folder of .npz files, at most `samples`
+   samples; or, with `synthetic` (--calib-synthetic), random inputs drawn by the verification inputs' rule, which
+   the report marks "not representative". Neither: exit 2.
+2. Preparation: where per-channel weights need it, the ONNX-domain opset is raised to 13 (DequantizeLinear's `axis`
+   is opset 13; opset 12 with per-channel gives an invalid model) with the convert-opset pass; then ONNX Runtime's
+   quant_pre_process (shape inference and its basic graph optimizations, e.g. Conv+BatchNormalization). Nodes
+   without a name get one, since nodes_to_exclude addresses nodes by name.
+3. quantize_static in QDQ format: activations uint8 (asymmetric, per tensor), weights int8 (symmetric, per channel),
+   ONNX Runtime's MinMax, Entropy (2048 histogram bins into 128, see `calibrate`) or Percentile calibrator. The
+   ranges are computed once and read back from a calibration cache in every later round.
+4. The accuracy budget's metric (precision.py) of the QDQ model on ONNX Runtime against ONNX Runtime's outputs of
+   the source model, on the verification inputs (the sample inputs, else the seeded random ones). If the budget
+   holds, done. Otherwise:
+5. Each quantized activation tensor's contribution to the output error: the float model with only that tensor
+   passed through its QuantizeLinear/DequantizeLinear (the QDQ model's scale and zero point), its outputs' cosine to
+   the float outputs on the first verification input. One ONNX Runtime session holds every candidate behind a 0/1
+   switch input, and runs once per tensor. At most `scan` tensors are measured: those with the lowest quantization
+   SQNR on the float activations (one run) when there are more.
+6. Protection rounds, at most `max_rounds`: round k keeps the 2^(k-1) tensors with the largest contribution in
+   float, by excluding each one's producer and consumers from quantization (so the tensor itself is never
+   quantized; excluding a single node leaves the tensors around it quantized for its neighbours), re-quantizes and
+   measures again; it stops at the first round that meets the budget. The best round is kept. A default budget
+   still unmet is exit 3 (nothing written); a budget the user gave is exit 4 (the artifact holds the best round).
+
+Nodes named in `keep_float` (node names or op types) are never quantized. The report lists every node kept in float,
+with the tensor it was kept for, that tensor's measured contribution and SQNR, and the round.
+
+TVM: the Relax ONNX importer maps QuantizeLinear/DequantizeLinear to relax.op.quantize/dequantize, and the Conv,
+MatMul and Gemm between them take the dequantized float32 tensors: the int8 model is simulated in float. The report
+says so ("int8 kernels: no"). Vendor-onnx targets: the QDQ ONNX is the deliverable, verified on ONNX Runtime CPU;
+their opset is kept, so below 13 the weights are per tensor (a warning says so).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import AccuracyError, InputError
+from .precision import (Budget, CalibrationReport, ProtectedNode, ProtectionRound, QuantizationReport, budget_value,
+                        metric_value)
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel) is opset 13
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+FORMAT = "QDQ (QuantizeLinear/DequantizeLinear); activations uint8 asymmetric per tensor, weights int8 symmetric {granularity}"
+CALIB_HINT = "give --calib-data FILE.npz (arrays by input name, a leading extra dim for several samples) or a folder of .npz files, or --calib-synthetic for random data (not representative)"
+TVM_KERNELS = ("no (QDQ simulated in float): TVM's ONNX importer turns QuantizeLinear/DequantizeLinear into "
+               "relax quantize/dequantize, and Conv/MatMul/Gemm run in float32 on the dequantized tensors")
+
+
+class _Captured(logging.Handler):
+    """Collects the warnings ONNX Runtime's quantization tools log (to the root logger), for the report."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().strip().splitlines()[0] if record.getMessage().strip() else ""
+        if text and text not in self.messages:
+            self.messages.append(text)
+
+
+@contextlib.contextmanager
+def _quiet(captured: _Captured | None = None):
+    """ONNX Runtime's quantization tools print progress to stdout (which --json keeps for the report) and log
+    warnings to the root logger: the prints are dropped, the warnings kept for the report."""
+    handler = captured or _Captured()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield handler
+    finally:
+        root.removeHandler(handler)
+
+
+# -------------------------------------------------------------------------------------------- calibration data
+
+def _read_npz(f: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("not an .npz archive")
+            return {k: np.asarray(z[k]) for k in z.files}
+    except (ValueError, OSError) as e:
+        raise InputError(f"--calib-data: cannot read {f}: {e}", CALIB_HINT) from None
+
+
+def load_calibration(path: str | Path, specs, limit: int) -> list[dict[str, np.ndarray]]:
+    """Calibration samples from an .npz or a folder of them, checked against the inputs; at most `limit`."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix == ".npz" and f.is_file())
+        if not files:
+            raise InputError(f"--calib-data {p}: the folder holds no .npz files", CALIB_HINT)
+    elif p.is_file():
+        files = [p]
+    else:
+        raise InputError(f"--calib-data {p}: no such file or folder", CALIB_HINT)
+    names = [s.name for s in specs]
+    samples: list[dict[str, np.ndarray]] = []
+    for f in files:
+        arrays = _read_npz(f)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise InputError(f"calibration data {f.name}: missing input '{missing[0]}'", f"the model takes: {', '.join(names)}")
+        extra = [n for n in arrays if n not in names]
+        if extra:
+            raise InputError(f"calibration data {f.name}: '{extra[0]}' is not a model input", f"the model takes: {', '.join(names)}")
+        count = None
+        for s in specs:
+            a = arrays[s.name]
+            if a.dtype.name != s.dtype:
+                raise InputError(f"calibration data {f.name}: input '{s.name}' is {a.dtype.name}, the model takes {s.dtype}", f"cast it: array.astype('{s.dtype}')")
+            if tuple(a.shape) == tuple(s.shape):
+                n = None
+            elif a.ndim == len(s.shape) + 1 and tuple(a.shape[1:]) == tuple(s.shape):
+                n = a.shape[0]
+            else:
+                raise InputError(f"calibration data {f.name}: input '{s.name}' has shape {list(a.shape)}, the model takes {list(s.shape)}",
+                                 f"give arrays of shape {list(s.shape)}, or [N, {', '.join(str(d) for d in s.shape)}] for N samples")
+            if count is not None and n != count:
+                raise InputError(f"calibration data {f.name}: the inputs hold different numbers of samples", "stack the same number of samples for every input")
+            count = n if count is None else count
+        if count is None:
+            samples.append(arrays)
+        else:
+            samples += [{k: v[i] for k, v in arrays.items()} for i in range(count)]
+        if len(samples) >= limit:
+            break
+    return samples[:limit]
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, samples: list[dict[str, np.ndarray]]):
+        self.samples = samples
+        self._it = iter(samples)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self.samples[start_index:end_index])
+
+
+def _reader(samples):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    return Reader(samples)
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+
+def onnx_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def strip_unused_opsets(model: onnx.ModelProto) -> None:
+    """Drop opset imports no node uses (quant_pre_process writes every domain ONNX Runtime knows)."""
+    used = {n.domain or "" for n in model.graph.node}
+    keep = [o for o in model.opset_import if (o.domain or "") in used or o.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (nodes_to_exclude addresses nodes by name)."""
+    seen = set()
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_{i}" if f"{n.op_type}_{i}" not in seen else f"{n.op_type}_{i}_{len(seen)}"
+        seen.add(n.name)
+
+
+def upgrade_opset(model: onnx.ModelProto, opset: int, ir_version: int) -> onnx.ModelProto:
+    from .config import PassSpec
+    from .pass_manager import PassContext, run_passes
+
+    out, _ = run_passes(model, [PassSpec(name="convert-opset", options={"opset": opset})], PassContext(ir_version=ir_version))
+    return out
+
+
+def _ir_version(model: onnx.ModelProto, wanted: int) -> int:
+    need = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return max(wanted, need)
+
+
+def prepare(model: onnx.ModelProto, per_channel: bool, ir_version: int, folder: Path) -> tuple[onnx.ModelProto, Path]:
+    """The opset upgrade (per-channel) and ONNX Runtime's pre-processing; returns the float model and its path."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if per_channel and onnx_opset(model) < PER_CHANNEL_OPSET:
+        model = upgrade_opset(model, PER_CHANNEL_OPSET, ir_version)
+    src, out = folder / "float.onnx", folder / "prepared.onnx"
+    onnx.save(model, str(src))
+    quant_pre_process(str(src), str(out))
+    prepared = onnx.load(str(out))
+    strip_unused_opsets(prepared)
+    name_nodes(prepared)
+    prepared.ir_version = _ir_version(prepared, ir_version)
+    onnx.save(prepared, str(out))
+    return prepared, out
+
+
+def calibrate(prepared_path: Path, samples, method: str, cache: Path) -> None:
+    """ONNX Runtime's calibrator over the samples, its ranges written to the calibration cache that quantize_static
+    reads. Run here rather than inside quantize_static for one setting: quantize_static builds the Entropy
+    calibrator with 128 histogram bins into 128 quantized bins, which leaves nothing to clip (the ranges come out
+    equal to MinMax's); here it gets 2048 bins into 128, TensorRT's setting. MinMax and Percentile keep ONNX
+    Runtime's defaults (Percentile: 2048 bins, 99.999th percentile, symmetric)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    extra = {"num_bins": 2048, "num_quantized_bins": 128} if method == "entropy" else {}
+    with tempfile.TemporaryDirectory(prefix="autoglm-calib-") as tmp:
+        calibrator = create_calibrator(Path(prepared_path), sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=getattr(CalibrationMethod, METHODS[method]), extra_options=extra)
+        calibrator.collect_data(_reader(samples))
+        save_tensors_data(calibrator.compute_data(), cache)
+
+
+def quantize(prepared_path: Path, out: Path, samples, cache: Path, method: str, per_channel: bool, exclude: list[str], ir_version: int) -> onnx.ModelProto:
+    """quantize_static in QDQ format, with the calibration ranges from the cache (calibrated first if it is not there)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not cache.is_file():
+        calibrate(prepared_path, samples, method, cache)
+    quantize_static(
+        str(prepared_path), str(out), None,
+        quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=getattr(CalibrationMethod, METHODS[method]), nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
+    )
+    model = onnx.load(str(out))
+    strip_unused_opsets(model)
+    model.ir_version = _ir_version(model, ir_version)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def evaluate(model: onnx.ModelProto, feeds: list[dict], refs: list[list[np.ndarray]], budget: Budget) -> float:
+    """The budget's metric of the model on ONNX Runtime, the worst over the outputs and the inputs."""
+    from .measure import ort_session
+
+    sess = ort_session(model)
+    worst = None
+    for f, ref in zip(feeds, refs):
+        v = budget_value(budget, sess.run(None, f), ref)
+        worst = v if worst is None else budget.worse(worst, v)
+    return worst
+
+
+def activation_qparams(qdq: onnx.ModelProto, prepared: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Scale and zero point of each quantized float32 activation tensor of the prepared model, from the QDQ model."""
+    inits = {i.name: i for i in qdq.graph.initializer}
+    produced = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
+    weights = {i.name for i in prepared.graph.initializer}
+    out = {}
+    for n in qdq.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] not in produced or n.input[0] in weights or n.input[0] in out:
+            continue
+        if n.input[1] not in inits or (len(n.input) > 2 and n.input[2] and n.input[2] not in inits):
+            continue
+        scale = numpy_helper.to_array(inits[n.input[1]])
+        zp = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else np.zeros((), np.uint8)
+        if scale.size == 1 and zp.size == 1:
+            out[n.input[0]] = (scale.reshape(()), zp.reshape(()))
+    return out
+
+
+def _fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    info = np.iinfo(zp.dtype)
+    z = float(zp)
+    q = np.clip(np.round(x / float(scale)) + z, info.min, info.max)
+    return (q - z) * float(scale)
+
+
+def local_sqnr(prepared: onnx.ModelProto, qparams: dict, feed: dict) -> dict[str, float]:
+    """Each tensor's quantization SQNR (dB) on the float model's activations: its own error, not accumulated."""
+    from .measure import ort_session
+
+    m = onnx.ModelProto()
+    m.CopyFrom(prepared)
+    outputs = {o.name for o in m.graph.output}
+    names = [t for t in qparams if t not in outputs]
+    m.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names)
+    values = ort_session(m, optimize=False).run([o.name for o in m.graph.output], feed)
+    acts = dict(zip([o.name for o in m.graph.output], values))
+    out = {}
+    for t, (s, z) in qparams.items():
+        x = np.asarray(acts[t], np.float64)
+        noise = float(np.linalg.norm(x - _fake_quant(x, s, z)))
+        out[t] = 20 * np.log10(max(float(np.linalg.norm(x)), 1e-12) / max(noise, 1e-12))
+    return out
+
+
+def switch_model(prepared: onnx.ModelProto, units: list[str], qparams: dict) -> onnx.ModelProto:
+    """The float model in which tensor j becomes t + on_j * (DQ(Q(t)) - t), with on_j a scalar graph input."""
+    import onnx_graphsurgeon as gs
+
+    from .pass_manager import export_model
+
+    g = gs.import_onnx(prepared)
+    tensors = g.tensors()
+    for j, name in enumerate(units):
+        t = tensors[name]
+        scale, zp = qparams[name]
+        on = gs.Variable(f"__fq{j}_on", dtype=np.float32, shape=[])
+        g.inputs.append(on)
+        s, z = gs.Constant(f"__fq{j}_scale", np.asarray(scale, np.float32)), gs.Constant(f"__fq{j}_zp", np.asarray(zp))
+        q = gs.Variable(f"__fq{j}_q", dtype=np.asarray(zp).dtype)
+        dq, d, m = (gs.Variable(f"__fq{j}_{k}", dtype=np.float32) for k in ("dq", "d", "m"))
+        out = gs.Variable(f"__fq{j}_out", dtype=np.float32, shape=t.shape)
+        consumers = list(t.outputs)
+        g.nodes += [
+            gs.Node("QuantizeLinear", inputs=[t, s, z], outputs=[q]),
+            gs.Node("DequantizeLinear", inputs=[q, s, z], outputs=[dq]),
+            gs.Node("Sub", inputs=[dq, t], outputs=[d]),
+            gs.Node("Mul", inputs=[d, on], outputs=[m]),
+            gs.Node("Add", inputs=[t, m], outputs=[out]),
+        ]
+        for c in consumers:
+            c.inputs = [out if x is t else x for x in c.inputs]
+        if t in g.outputs:
+            g.outputs = [out if x is t else x for x in g.outputs]
+            t.name, out.name = f"{name}__float", name
+    g.toposort()
+    return export_model(g, prepared.ir_version)
+
+
+def contributions(prepared: onnx.ModelProto, units: list[str], qparams: dict, feed: dict) -> dict[str, float]:
+    """Output cosine to the float outputs with only tensor t quantized, for each t in units (the worst output)."""
+    from .measure import ort_session
+
+    if not units:
+        return {}
+    model = switch_model(prepared, units, qparams)
+    sess = ort_session(model, optimize=False)
+    off = {f"__fq{j}_on": np.array(0.0, np.float32) for j in range(len(units))}
+    ref = sess.run(None, {**feed, **off})
+    out = {}
+    for j, name in enumerate(units):
+        got = sess.run(None, {**feed, **off, f"__fq{j}_on": np.array(1.0, np.float32)})
+        out[name] = min(metric_value("cosine", a, e) for a, e in zip(got, ref))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ protection
+
+def _keep_float_nodes(prepared: onnx.ModelProto, keep: list[str]) -> list[str]:
+    names = [n.name for n in prepared.graph.node]
+    ops = defaultdict(list)
+    for n in prepared.graph.node:
+        ops[n.op_type].append(n.name)
+    out, unknown = [], []
+    for k in keep:
+        if k in names:
+            out.append(k)
+        elif k in ops:
+            out += ops[k]
+        else:
+            unknown.append(k)
+    if unknown:
+        raise InputError(f"precision.keep_float names '{unknown[0]}', which is neither a node nor an op type of the graph (after ONNX Runtime's pre-processing)",
+                         "give node names or op types of the optimized graph: see model.opt.onnx of an fp32 build")
+    return list(dict.fromkeys(out))
+
+
+def _neighbours(prepared: onnx.ModelProto):
+    producer, consumers = {}, defaultdict(list)
+    for n in prepared.graph.node:
+        for o in n.output:
+            producer[o] = n
+        for i in n.input:
+            consumers[i].append(n)
+    return producer, consumers
+
+
+def _quantized_nodes(qdq: onnx.ModelProto) -> int:
+    dq_out = {o for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in qdq.graph.node if n.op_type not in QDQ_OPS and any(i in dq_out for i in n.input))
+
+
+def quantize_graph(job) -> None:
+    """The int8/mixed step of the graph stage: job.model becomes the QDQ model (see the module docstring)."""
+    import onnxruntime
+
+    t0 = time.perf_counter()
+    cfg, target, budget = job.config.precision_config, job.target, job.config.accuracy_budget
+    cal = cfg.calibration
+    note = job.progress.note
+    if cal.data is not None:
+        samples = load_calibration(cal.data, job.inputs, cal.samples)
+        source, representative = str(cal.data), True
+    elif cal.synthetic:
+        from .inputs import index_ranges, random_inputs
+
+        seed = job.config.verify.seed + 1
+        ranges = index_ranges(job.model)
+        samples = [random_inputs(job.inputs, seed + i, ranges) for i in range(cal.samples)]
+        source, representative = "synthetic random inputs (--calib-synthetic; floats ~ N(0,1), the verification rule)", False
+        job.report.warnings.append("int8 calibrated on synthetic random data: the ranges, and the accuracy below, are not representative of real inputs")
+    else:  # resolve_config refuses this before any work; kept for API callers
+        raise InputError(f"--precision {cfg.mode} needs calibration data", CALIB_HINT)
+    per_channel = cfg.per_channel
+    vendor = target.backend == "vendor-onnx"
+    opset_before = onnx_opset(job.model)
+    if per_channel and vendor and opset_before < PER_CHANNEL_OPSET:
+        per_channel = False
+        job.report.warnings.append(f"int8 on {target.name}: its opset is {opset_before}, and per-channel weights need opset {PER_CHANNEL_OPSET}: the weights are quantized per tensor")
+    if cfg.mode == "mixed" and "fp16" in target.precisions:
+        job.report.warnings.append("mixed: the nodes kept in float run in float32; float16 for them is not built yet")
+    feeds = [job.feeds] + [f for _n, f, _r in job.samples]
+    refs = [job.reference] + [r for _n, _f, r in job.samples]
+    ir = job.model.ir_version
+    captured = _Captured()
+    with tempfile.TemporaryDirectory(prefix="autoglm-int8-") as tmp, _quiet(captured):
+        folder = Path(tmp)
+        note(f"int8: preparing (opset {opset_before}, per-channel {per_channel})")
+        prepared, prepared_path = prepare(job.model, per_channel, ir, folder)
+        keep = _keep_float_nodes(prepared, cfg.keep_float)
+        cache = folder / "calibration.json"
+
+        def run(exclude: list[str]) -> tuple[onnx.ModelProto, float]:
+            qdq = quantize(prepared_path, folder / "qdq.onnx", samples, cache, cal.method, per_channel, exclude, ir)
+            return qdq, evaluate(qdq, feeds, refs, budget)
+
+        note(f"int8: calibrating on {len(samples)} sample(s) ({cal.method})")
+        qdq, value = run(keep)
+        first = value
+        rounds = [ProtectionRound(round=0, tensors=0, float_nodes=len(keep), value=value, holds=budget.holds(value))]
+        best = (value, qdq, [], 0)
+        scanned = candidates = 0
+        info: dict[str, tuple[float | None, float | None]] = {}
+        if not budget.holds(value) and cfg.max_rounds > 0:
+            qparams = activation_qparams(qdq, prepared)
+            candidates = len(qparams)
+            units = list(qparams)
+            sqnr = local_sqnr(prepared, qparams, feeds[0])
+            if len(units) > cfg.scan:
+                units = sorted(units, key=lambda t: sqnr[t])[: cfg.scan]
+            note(f"int8: {budget.text} not met ({value:.4g}); measuring the contribution of {len(units)} of {candidates} tensor(s)")
+            alone = contributions(prepared, units, qparams, feeds[0])
+            scanned = len(alone)
+            ranked = sorted(units, key=lambda t: alone[t])
+            info = {t: (alone.get(t), sqnr.get(t)) for t in ranked}
+            producer, consumers = _neighbours(prepared)
+            k = 1
+            for r in range(1, cfg.max_rounds + 1):
+                k = min(k, len(ranked))
+                nodes = list(keep)
+                for t in ranked[:k]:
+                    for n in ([producer[t]] if t in producer else []) + consumers[t]:
+                        if n.name not in nodes:
+                            nodes.append(n.name)
+                qdq, value = run(nodes)
+                holds = budget.holds(value)
+                rounds.append(ProtectionRound(round=r, tensors=k, float_nodes=len(nodes), value=value, holds=holds))
+                note(f"int8: round {r}: {k} tensor(s), {len(nodes)} node(s) in float: {budget.metric} {value:.6g}")
+                if budget.better(value, best[0]):
+                    best = (value, qdq, ranked[:k], r)
+                if holds or k == len(ranked):
+                    break
+                k *= 2
+        value, qdq, tensors, best_round = best
+    producer, consumers = _neighbours(prepared)
+    protected = [ProtectedNode(name=n, op=next(x.op_type for x in prepared.graph.node if x.name == n), reason="keep_float in the config") for n in keep]
+    listed = set(keep)
+    for rank, t in enumerate(tensors, 1):
+        cos, db = info.get(t, (None, None))
+        for n in ([producer[t]] if t in producer else []) + consumers[t]:
+            if n.name in listed:
+                continue
+            listed.add(n.name)
+            before = rounds[0].value
+            protected.append(ProtectedNode(
+                name=n.name, op=n.op_type, tensor=t, alone_cosine=cos, local_sqnr_db=db, round=best_round,
+                reason=(f"{'produces' if producer.get(t) is n else 'reads'} '{t}', ranked {rank} of {scanned} by contribution; "
+                        f"{budget.metric} {before:.4g} with every node quantized, {value:.4g} after round {best_round}"),
+            ))
+    ok = budget.holds(value)
+    job.report.quantization = QuantizationReport(
+        mode=cfg.mode,
+        format=FORMAT.format(granularity="per channel" if per_channel else "per tensor") + ("; float32 elsewhere" if cfg.mode == "mixed" else ""),
+        tool=f"onnxruntime.quantization {onnxruntime.__version__} (quant_pre_process, quantize_static)",
+        opset=f"{opset_before} -> {onnx_opset(qdq)}",
+        per_channel=per_channel,
+        calibration=CalibrationReport(source=source, samples=len(samples), method=cal.method, representative=representative),
+        budget=budget.describe(), value_before=first, value=value, ok=ok, quantized_nodes=_quantized_nodes(qdq),
+        protected=protected, rounds=rounds, scanned=scanned, candidates=candidates,
+        int8_kernels=("the vendor runtime's: the QDQ ONNX is the deliverable, verified here on ONNX Runtime CPU" if vendor else TVM_KERNELS),
+        seconds=time.perf_counter() - t0,
+    )
+    job.model = qdq
+    job.report.warnings += [f"onnxruntime.quantization: {m}" for m in captured.messages[:5]]
+    if not ok:
+        what = (f"{cfg.mode}: the accuracy budget {budget.describe()} is not met on ONNX Runtime: {budget.metric} {value:.6g} "
+                f"({first:.6g} with every node quantized; best of {len(rounds) - 1} protection round(s), {len(tensors)} tensor(s) kept in float)")
+        if budget.source == "default":
+            raise AccuracyError(what, "give representative --calib-data and --sample-inputs, raise precision.max_rounds or precision.scan, "
+                                      "keep sensitive nodes in float (precision.keep_float), or state a budget with --accuracy-budget")
+        job.report.warnings.append(what + "; the artifact holds the best round")
+
+
+# ---------------------------------------------------------------------------------------------- options, budgets
+
+def apply_precision_flags(cfg, opts):
+    """--calib-data, --calib-method, --calib-synthetic and --accuracy-budget over the config's precision section.
+    int8/mixed without calibration data is an InputError (exit 2), before any work."""
+    from .precision import BUDGET_HINT, parse_budget
+
+    pc, cal = cfg.precision_config, cfg.precision_config.calibration
+    calib_flags = [f for f, v in (("--calib-data", opts.calib_data), ("--calib-method", opts.calib_method), ("--calib-synthetic", opts.calib_synthetic)) if v]
+    if calib_flags and cfg.precision not in ("int8", "mixed"):
+        raise InputError(f"{calib_flags[0]} applies to int8 and mixed builds, and this build is {cfg.precision}", "add --precision int8 (or mixed)")
+    if opts.calib_data is not None:
+        cal.data = str(opts.calib_data)
+    if opts.calib_method is not None:
+        if opts.calib_method not in METHODS:
+            raise InputError(f"unknown --calib-method '{opts.calib_method}'", f"valid methods: {', '.join(METHODS)}")
+        cal.method = opts.calib_method
+    if opts.calib_synthetic:
+        cal.synthetic = True
+    if opts.accuracy_budget is not None:
+        if cfg.precision == "fp32":
+            raise InputError("--accuracy-budget applies to fp16, int8 and mixed builds; fp32 builds are checked with rtol/atol",
+                             "add --precision fp16|int8|mixed, or use --max-error for an fp32 budget")
+        try:
+            pc.budget = parse_budget(opts.accuracy_budget).text
+        except ValueError as e:
+            raise InputError(f"--accuracy-budget {opts.accuracy_budget}: {e}", BUDGET_HINT) from None
+    if cfg.precision in ("int8", "mixed"):
+        if cal.data is not None and cal.synthetic:
+            raise InputError("calibration data and --calib-synthetic were both given", "give one: real data (--calib-data) or random data (--calib-synthetic)")
+        if cal.data is None and not cal.synthetic:
+            raise InputError(f"--precision {cfg.precision} needs calibration data", CALIB_HINT)
+    return cfg
+
+
+def accuracy_budget_failures(report) -> list[str]:
+    """The failure of an accuracy budget the user gave, as a budget failure (exit 4): on the build's outputs where
+    they were compared, else on the optimized graph, else on the quantization's own measure."""
+    for what, acc in (("the build", report.accuracy), ("the optimized graph (ONNX Runtime)", report.graph_verify)):
+        if acc is not None and acc.budget is not None:
+            if acc.budget.source == "user" and not acc.ok:
+                return [f"{what} misses the accuracy budget: {acc.check_text()}"]
+            return []
+    q = report.quantization
+    if q is not None and not q.ok and "given by the user" in q.budget:
+        return [f"the QDQ model misses the accuracy budget {q.budget} on ONNX Runtime: {q.value:.6g}"]
+    return []
