@@ -113,6 +113,7 @@ class BuildResult:
     executable: object
     planned_bytes: int  # sum of the storages of TVM's static memory plan (intermediates that are reused)
     storages: int
+    figures: object = None  # memory_fit.PlanFigures: the plan's tensors, storages and kernel workspace
 
 
 def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext | None = None):
@@ -127,30 +128,23 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
 
 
 def memory_plan(lowered) -> tuple[int, int]:
-    """(bytes, count) of the storages allocated by the lowered module's static memory plan."""
-    from tvm import relax
-    import tvm
+    """(bytes, count) of the storages allocated by the lowered module's static memory plan (memory_fit.plan_figures
+    has the rest: the tensors placed in them and the kernels' workspace)."""
+    from .memory_fit import plan_figures
 
-    sizes: list[int] = []
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name.endswith("alloc_storage"):
-            shape = expr.args[0]
-            if isinstance(shape, relax.ShapeExpr) and all(isinstance(v, tvm.tirx.IntImm) for v in shape.values):
-                sizes.append(int(shape.values[0]))
-
-    for _, func in lowered.functions.items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, visit)
-    return sum(sizes), len(sizes)
+    f = plan_figures(lowered)
+    return f.storage_bytes, f.storages
 
 
 def build(lowered, target) -> BuildResult:
     from tvm import relax
 
-    planned, count = memory_plan(lowered)
-    ex = relax.build(lowered, target, relax_pipeline=None)
-    return BuildResult(ex, planned, count)
+    from .memory_fit import plan_figures, workspace_probe
+
+    figures = plan_figures(lowered)
+    with workspace_probe(figures):  # the kernels' scratch space, read after TVM's StorageRewrite pass
+        ex = relax.build(lowered, target, relax_pipeline=None)
+    return BuildResult(ex, figures.storage_bytes, figures.storages, figures)
 
 
 def export(result: BuildResult, path: str, desc: TargetDescriptor, target) -> None:
