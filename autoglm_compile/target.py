@@ -112,8 +112,14 @@ class TargetDescriptor(_Strict):
                 llvm["num-cores"] = cpu.cores
         if self.kind == "cuda":
             assert self.cuda is not None  # guaranteed by the validator
-            return {"kind": "cuda", "arch": self.cuda.arch, "host": llvm}
+            return {"kind": "cuda", "arch": self.cuda.arch, **CUDA_LIMITS, "host": llvm}
         return llvm
+
+
+# Per-block limits that are the same on every architecture we target (sm_72 to sm_90; the "Technical Specifications per
+# Compute Capability" table of the CUDA C++ Programming Guide): 1024 threads, 48 KB of static shared memory, 64 K 32-bit
+# registers, warps of 32. TVM's target kind leaves them out unless a tag names the GPU; MetaSchedule's GPU rules need them.
+CUDA_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152, "registers_per_block": 65536, "thread_warp_size": 32}
 
 
 def host_arch() -> str:

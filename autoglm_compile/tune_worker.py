@@ -216,6 +216,58 @@ def measure_defaults(mods, indices, target, builder, runner, database, state: _S
         emit("default", task=indices[i], name=state.names[indices[i]], us=secs * 1e6)
 
 
+GPU_DEFAULTS = "defaults_gpu.json"  # in work_dir: {task: µs of the default GPU schedule (DLight)}
+
+
+def measure_gpu_defaults(mods, names, target, builder, runner, work_dir: str) -> None:
+    """Time each task with DLight's schedule, which an untuned GPU build uses, into work_dir/defaults_gpu.json.
+
+    A GPU kernel's unscheduled TIR binds no threads and cannot run, so the CPU way (a default record in the database)
+    does not apply; DLight's schedule has no MetaSchedule trace to record either. The merge (tuning.merge_export)
+    keeps a tuned record only where it beats this time, so that tuning never makes a GPU build slower."""
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    path = os.path.join(work_dir, GPU_DEFAULTS)
+    try:
+        with open(path) as f:
+            times = json.load(f)
+    except (OSError, ValueError):
+        times = {}
+    todo = [(m, n) for m, n in zip(mods, names) if n not in times]
+    if not todo:
+        return
+    schedule = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    scheduled, ok = [], []
+    for mod, name in todo:
+        try:
+            with target:
+                scheduled.append(schedule(mod))
+            ok.append((mod, name))
+        except Exception as e:  # DLight cannot schedule it: the build would fail the same way, tuning decides
+            emit("default_failed", name=name, error=str(e).strip().splitlines()[-1][:300])
+    built = builder.build([BuilderInput(m, target) for m in scheduled])
+    runs = []
+    for (mod, name), b in zip(ok, built):
+        if b.error_msg is not None:
+            emit("default_failed", name=name, error=b.error_msg.strip().splitlines()[-1][:300])
+            continue
+        runs.append((name, b, ArgInfo.from_entry_func(mod, remove_preproc=True)))
+    futures = runner.run([RunnerInput(b.artifact_path, target.kind.name, args) for _, b, args in runs])
+    for (name, _, _), future in zip(runs, futures):
+        res = future.result()
+        if res.error_msg is not None or not res.run_secs:
+            emit("default_failed", name=name, error=(res.error_msg or "no time").strip().splitlines()[-1][:300])
+            continue
+        times[name] = sum(float(x) for x in res.run_secs) / len(res.run_secs) * 1e6
+        emit("default", name=name, us=times[name])
+    os.makedirs(work_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(times, f, indent=1)
+
+
 def run(spec: dict) -> None:
     """Tune in rounds: each round is one MetaSchedule run over a small group of tasks, measuring one batch of each.
 
@@ -232,9 +284,10 @@ def run(spec: dict) -> None:
 
     start = time.monotonic()
     target = tvm.target.Target(spec["target"])
+    base = spec.get("base_dir", ".")  # relative paths in the spec are relative to the spec's folder (see main)
     mods = []
     for t in spec["tasks"]:
-        with open(t["mod"]) as f:
+        with open(os.path.join(base, t["mod"])) as f:
             mods.append(tvm.ir.load_json(f.read()))
     names = [t["name"] for t in spec["tasks"]]
     weights = [int(t["weight"]) for t in spec["tasks"]]
@@ -243,17 +296,26 @@ def run(spec: dict) -> None:
     group_size = int(spec.get("tasks_per_round", 4))
     budget = spec.get("time_budget_s")
     deadline = start + budget if budget else None
-    work_dir = spec["work_dir"]
+    work_dir = os.path.join(base, spec["work_dir"])
     import_tensor_intrinsics()  # the CPU schedule rules look intrinsics up by name
 
     loggers = get_loggers_from_work_dir(work_dir, names)
     builder = pooled_builder(max_workers=os.cpu_count() or 1, timeout_sec=60)
     runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40))
-    cost_model = ms.CostModel.create(spec.get("cost_model", "xgb"), **({"num_tuning_cores": os.cpu_count() or 1} if spec.get("cost_model", "xgb") == "xgb" else {}))
+    kind = spec.get("cost_model", "xgb")
+    if kind == "xgb":
+        try:
+            import xgboost  # noqa: F401
+        except ImportError:  # e.g. the GPU machine's TVM bundle: tune with random scores rather than not at all
+            emit("note", text="xgboost is not installed: the random cost model is used")
+            kind = "random"
+    cost_model = ms.CostModel.create(kind, **({"num_tuning_cores": os.cpu_count() or 1} if kind == "xgb" else {}))
     database = ms.database.JSONDatabase(work_dir=work_dir, allow_missing=True)
     state = _State(names, weights, trials_per_task, [int(t.get("trials_done", 0)) for t in spec["tasks"]])
     first_round = list(range(len(names)))
     emit("start", tasks=len(names), names=names)
+    if target.kind.name != "llvm" and spec.get("measure_defaults_gpu", True):
+        measure_gpu_defaults(mods, names, target, builder, runner, work_dir)
     stopped_by_time = False
     rounds = 0
     rounds_start = time.monotonic()
@@ -326,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open(args[0]) as f:
         spec = json.load(f)
+    spec.setdefault("base_dir", os.path.dirname(os.path.abspath(args[0])))
     run(spec)
     return 0
 

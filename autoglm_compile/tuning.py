@@ -123,9 +123,10 @@ class TuningDatabase:
         with self.locked(exclusive=False):
             return ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=True)
 
-    def merge(self, worker_dir: Path, tasks: list) -> dict[str, object]:
+    def merge(self, worker_dir: Path, tasks: list, defaults_us: dict[str, float] | None = None) -> dict[str, object]:
         """Commit the best valid record of each task found in the worker's databases (its tuning records and its
-        default-schedule timings); returns {task name: the record committed}."""
+        default-schedule timings); returns {task name: the record committed}. A task whose best record is not faster
+        than `defaults_us` (the default GPU schedule's time, measured by the worker) is left out: it keeps DLight."""
         from tvm.s_tir import meta_schedule as ms
 
         sources = [db for db in (_salvaged_database(worker_dir), _salvaged_database(worker_dir / "defaults")) if db is not None]
@@ -133,7 +134,10 @@ class TuningDatabase:
         for task in tasks:
             found = [r for r in (_valid_record(db, task.mod, self.target, task.task_name) for db in sources) if r is not None]
             if found:
-                best[task.task_name] = (task, min(found, key=lambda r: _mean(r.run_secs)))
+                rec = min(found, key=lambda r: _mean(r.run_secs))
+                if defaults_us and task.task_name in defaults_us and _mean(rec.run_secs) * 1e6 >= defaults_us[task.task_name]:
+                    continue
+                best[task.task_name] = (task, rec)
         if not best:
             return {}
         committed = {}
@@ -315,20 +319,91 @@ class _Silent:
         pass
 
 
+TUNABLE_KINDS = ("llvm", "cuda")
+
+
 def check_tunable(desc, tune) -> None:
     """Fail before any work when the target cannot be tuned by this build."""
-    if desc.kind != "cpu":
+    if desc.kind not in ("cpu", "cuda"):
         raise UnsupportedError(
-            f"--tune: target '{desc.name}' is a {desc.kind} target; tuning is implemented for CPU (llvm) targets only so far",
-            "build it without --tune (default schedules), or tune for a CPU target",
+            f"--tune: target '{desc.name}' is a {desc.kind} target; tuning covers CPU (llvm) and CUDA targets",
+            "build it without --tune (its vendor runtime schedules the model)",
         )
+
+
+def _phases(target):
+    """(passes before task extraction, passes after the database is applied) of the target's default Relax pipeline,
+    with the default schedules (DLight on GPUs) moved after the database so that they only cover untuned tasks."""
+    import tvm
+    from tvm import relax
+
+    if target.kind.name == "llvm":
+        from tvm.relax.backend.cpu_generic import pipeline as p
+
+        return p.library_dispatch_passes(target) + p.legalize_passes(target), p.dataflow_lower_passes(target) + p.finalize_passes(target)
+    from tvm.relax.backend.cuda import pipeline as p
+    from tvm.s_tir import dlight as dl
+
+    legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+                relax.transform.FuseOps(), relax.transform.FuseTIR()]  # the CUDA pipeline's legalize_passes, minus DLight
+    default_schedules = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    return p.library_dispatch_passes(target) + legalize, [default_schedules] + p.dataflow_lower_passes(target) + p.finalize_passes(target)
+
+
+def export_tasks(folder: Path, tasks, target, tune, trials: int, spent: dict[str, int]) -> Path:
+    """Write the tasks to tune, and the worker's spec, into `folder`, for tuning on the target machine:
+
+        python -m autoglm_compile.tune_worker FOLDER/spec.json      (there: needs TVM only; writes FOLDER/db)
+        autoglm-compile tune-merge FOLDER --target T                (here: merges FOLDER/db into the tuning cache)
+
+    Paths in the spec are relative to it, so the folder can be carried anywhere."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = _worker_spec(sorted(tasks, key=_task_cost, reverse=True), target, tune, trials, folder, spent)
+    for entry in spec["tasks"]:
+        entry["mod"] = Path(entry["mod"]).name
+    spec["work_dir"] = "db"
+    spec["measure_defaults"] = target.kind.name == "llvm"  # a GPU task's unscheduled TIR binds no threads: it cannot run
+    path = folder / "spec.json"
+    path.write_text(json.dumps(spec, indent=1) + "\n")
+    return path
+
+
+class _Task:
+    def __init__(self, name: str, mod):
+        self.task_name, self.mod = name, mod
+
+
+def merge_export(folder: Path, target, database: Path | None = None) -> tuple[Path, dict[str, float], dict[str, float]]:
+    """Merge what the worker left in FOLDER/db (after export_tasks) into the target's tuning database; returns the
+    database folder, {task: best µs} of the records committed, and {task: µs} of the default GPU schedules that
+    tuning did not beat (those tasks keep the default)."""
+    import tvm
+
+    folder = Path(folder)
+    spec_path = folder / "spec.json"
+    if not spec_path.is_file():
+        raise UnsupportedError(f"{folder}: no spec.json", "give the folder written by --tune-export")
+    spec = json.loads(spec_path.read_text())
+    if canonical_target(tvm.target.Target(spec["target"])) != canonical_target(target):
+        raise UnsupportedError(f"{folder}: tasks were exported for target {json.dumps(canonical_target(tvm.target.Target(spec['target'])))}, not {json.dumps(canonical_target(target))}",
+                               "merge with the --target the tasks were exported for")
+    if not (folder / spec["work_dir"] / "database_tuning_record.json").is_file():
+        raise UnsupportedError(f"{folder / spec['work_dir']}: no tuning records", "run python -m autoglm_compile.tune_worker FOLDER/spec.json on the target machine first, and bring FOLDER back")
+    tasks = [_Task(t["name"], tvm.ir.load_json((folder / t["mod"]).read_text())) for t in spec["tasks"]]
+    from .tune_worker import GPU_DEFAULTS
+
+    defaults_path = folder / spec["work_dir"] / GPU_DEFAULTS
+    defaults = json.loads(defaults_path.read_text()) if defaults_path.is_file() else {}
+    db = TuningDatabase(Path(database) if database else default_database_root(), target)
+    committed = db.merge(folder / spec["work_dir"], tasks, defaults)
+    return db.path, {name: _mean(rec.run_secs) * 1e6 for name, rec in committed.items()}, {n: us for n, us in defaults.items() if n not in committed}
 
 
 def tune_and_lower(mod, target, ctx):
     """Lower `mod` for an llvm target with MetaSchedule schedules from the tuning cache, tuning what it lacks."""
     import tvm
     from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import meta_schedule as ms
 
     from .config import TuneConfig
@@ -336,11 +411,12 @@ def tune_and_lower(mod, target, ctx):
     tune = ctx.tune if ctx.tune is not None else TuneConfig()
     progress = ctx.progress if ctx.progress is not None else _Silent()
     check_tunable(ctx.desc, tune)
-    if target.kind.name != "llvm":
-        raise UnsupportedError(f"--tune: TVM target kind '{target.kind.name}' cannot be tuned yet", "tuning covers llvm targets")
+    if target.kind.name not in TUNABLE_KINDS:
+        raise UnsupportedError(f"--tune: TVM target kind '{target.kind.name}' cannot be tuned", "tuning covers llvm and cuda targets")
     start = time.monotonic()
+    before, after = _phases(target)
     with target:
-        mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target))(mod)
+        mod = tvm.transform.Sequential(before)(mod)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     db = TuningDatabase(Path(tune.database) if tune.database else default_database_root(), target)
     cache = db.load()
@@ -372,12 +448,21 @@ def tune_and_lower(mod, target, ctx):
             f"--tune-strict: {len(misses)} of {len(tasks)} tasks are not in the tuning database {db.path}: {names}",
             "tune them once without --tune-strict (same target and --tuning-db), or point --tuning-db at a database tuned for this target",
         )
+    if misses and tune.export:
+        spec_path = export_tasks(Path(tune.export), misses, target, tune, trials_budget, spent)
+        report.exported = str(spec_path.parent)
+        ctx.warnings.append(
+            f"{len(misses)} of {len(tasks)} tuning tasks were written to {spec_path.parent} for tuning on the target and use their default "
+            f"schedules in this build: run 'python -m autoglm_compile.tune_worker {spec_path}' there, bring the folder back, "
+            f"'autoglm-compile tune-merge {spec_path.parent} --target {ctx.desc.name}', and build again")
+        misses = []
     if misses:
         if not ctx.desc.is_host:
             elsewhere = getattr(ctx.desc, "not_runnable_here", lambda: None)() or f"target '{ctx.desc.name}' is not this machine"
             raise TuningError(
                 f"--tune: {len(misses)} of {len(tasks)} tasks are not in the tuning database, and tuning measures candidates on this machine: {elsewhere}",
-                "tune on the target machine with the same --tuning-db, bring the database here, and build with --tune-strict",
+                "export the tasks with --tune-export DIR, tune them on the target machine (python -m autoglm_compile.tune_worker DIR/spec.json), "
+                "merge with autoglm-compile tune-merge DIR, and build again with --tune-strict",
             )
         with tempfile.TemporaryDirectory(prefix="autoglm-tune-") as tmp:
             work = Path(tmp)
@@ -417,11 +502,11 @@ def tune_and_lower(mod, target, ctx):
         for t in tasks
     ]
     report.untuned = [t.name for t in report.per_task if t.status == "untuned"]
-    if report.untuned and not report.fell_back:
+    if report.untuned and not report.fell_back and not report.exported:
         ctx.warnings.append(f"{len(report.untuned)} of {len(tasks)} tuning tasks have no valid schedule in the database and use the default one: {', '.join(report.untuned[:8])}")
     with target, cache:
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-        mod = tvm.transform.Sequential(cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))(mod)
+        mod = tvm.transform.Sequential(after)(mod)
     report.seconds = time.monotonic() - start
     return mod
 

@@ -68,7 +68,7 @@ def gpu_build(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, specs = optimized(args.model, args.dim)
+    model, specs = optimized(args.model, args.dim, args.preset)
     shapes = {s.name: list(s.shape) for s in specs}
     # Weights become graph inputs named w0, w1, ...: TVM names the kernels' parameters after them, and a folded
     # constant's name ("/m/embeddings/Gather_output_0") is no C identifier.
@@ -95,7 +95,17 @@ def gpu_build(args) -> None:
     all_specs = list(specs) + [InputSpec(w["name"], tuple(w["shape"]), w["dtype"]) for w in weights]
     onnx.save(skel, str(out / "graph.onnx"))
     mod = import_relax(skel, all_specs)
-    lowered, target = lower(mod, desc, "default")
+    tuning = None
+    if args.tuning_db:
+        from autoglm_compile.config import TuneConfig
+        from autoglm_compile.tvm_build import ScheduleContext
+
+        ctx = ScheduleContext(desc=desc, tune=TuneConfig(database=args.tuning_db, export=args.tune_export))
+        lowered, target = lower(mod, desc, "tune", ctx)
+        tuning = {k: getattr(ctx.tuning, k) for k in ("tasks", "hits", "misses")}
+        print(f"tuning database: {tuning['hits']} of {tuning['tasks']} tasks found" + "".join(f"; {w}" for w in ctx.warnings))
+    else:
+        lowered, target = lower(mod, desc, "default")
     built = build(lowered, target)
     export_library(built.executable, str(out / "model.so"), desc, target)
     build_s = time.perf_counter() - t0
@@ -105,7 +115,8 @@ def gpu_build(args) -> None:
     meta = {
         "model": Path(args.model).name, "target": desc.name, "tvm_target": desc.tvm_target(), "inputs": data_inputs,
         "weights": weights, "outputs": [o.name for o in model.graph.output], "build_seconds": build_s,
-        "estimate": est.model_dump(), "estimate_h200": h200.model_dump(),
+        "estimate": est.model_dump(), "estimate_h200": h200.model_dump(), "preset": args.preset, "tuning": tuning,
+        "variant": args.variant or ("tuned" if args.tuning_db else "untuned"),
     }
     (out / "meta.json").write_text(json.dumps(meta) + "\n")
     print(f"{args.model}: built for {desc.name} in {build_s:.1f} s, library {(out / 'model.so').stat().st_size / 2**20:.1f} MiB, "
@@ -158,6 +169,10 @@ def main() -> None:
     g.add_argument("--dim", action="append", default=[])
     g.add_argument("--target", default="nvidia-h100")
     g.add_argument("--min-elements", type=int, default=1024, help="initializers this large become parameters")
+    g.add_argument("-O", dest="preset", default="O2", help="pass preset (O2, O3)")
+    g.add_argument("--tuning-db", help="schedule with this tuning database (the 'tune' strategy); default schedules otherwise")
+    g.add_argument("--tune-export", help="with --tuning-db: write the tasks missing from it here, for tune_worker on the GPU")
+    g.add_argument("--variant", help="a label for this build in the benchmark tables")
     e = sub.add_parser("estimate")
     e.add_argument("model")
     e.add_argument("--dim", action="append", default=[])

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from autoglm_compile.errors import InputError
-from autoglm_compile.target import TargetDescriptor, builtin_targets, cpu_flags, resolve_target
+from autoglm_compile.target import CUDA_LIMITS, TargetDescriptor, builtin_targets, cpu_flags, resolve_target
 
 
 def test_every_shipped_descriptor_validates():
@@ -50,7 +50,8 @@ def test_target_from_yaml_path(tmp_path):
     )
     t = resolve_target(str(f))
     assert t.name == "my-gpu" and not t.is_host
-    assert t.tvm_target() == {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}}
+    assert t.tvm_target() == {"kind": "cuda", "arch": "sm_90", **CUDA_LIMITS, "host": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}}
+    assert CUDA_LIMITS["max_threads_per_block"] == 1024  # MetaSchedule's GPU rules need the per-block limits
 
 
 @pytest.mark.parametrize(

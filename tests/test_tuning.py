@@ -81,7 +81,7 @@ def test_tune_defaults_are_off():
 
 @pytest.mark.parametrize("body, message", [
     ("tune: {trails: 5}", "invalid config key 'tune.trails'"),
-    ("tune: {time_budget: soon}", "invalid config key 'tune.time_budget'"),
+    ("tune: {time_budget: soon}", "tune.time_budget: not a duration: 'soon'"),
     ("tune: {trials: 0}", "invalid config key 'tune.trials'"),
     ("tune: {cost_model: mlp}", "invalid config key 'tune.cost_model'"),
 ])
@@ -323,13 +323,13 @@ def test_killed_worker_keeps_what_it_measured(tuned, tmp_path):
     assert len(salvaged.get_all_tuning_records()) == len((folder / "database_tuning_record.json").read_text().splitlines())
 
 
-def test_tune_refuses_gpu_targets(conv_onnx, tmp_path):
+def test_tune_refuses_npu_targets(conv_onnx, tmp_path):
     from autoglm_compile.target import builtin_targets
 
-    gpu = next(n for n, t in builtin_targets().items() if t.kind == "cuda")
+    npu = next(n for n, t in builtin_targets().items() if t.kind not in ("cpu", "cuda"))
     with pytest.raises(Exception) as e:
-        compile_model(CompileOptions(source=str(conv_onnx), target=gpu, output=tmp_path / "o", tune=True))
-    assert "tuning is implemented for CPU (llvm) targets only" in str(e.value)
+        compile_model(CompileOptions(source=str(conv_onnx), target=npu, output=tmp_path / "o", tune=True))
+    assert "tuning covers CPU (llvm) and CUDA targets" in str(e.value)
     assert getattr(e.value, "exit_code", None) == ExitCode.USAGE
 
 
@@ -348,4 +348,71 @@ def test_tuning_for_another_machine_needs_its_database(conv_onnx, tmp_path):
     result = runner.invoke(cli.app, ["compile", str(conv_onnx), "-t", cross.name, "-o", str(tmp_path / "out"), "--tune", "--tuning-db", str(tmp_path / "db")])
     assert result.exit_code == ExitCode.USAGE, result.output
     assert "tuning measures candidates on this machine" in result.stderr
-    assert "Hint: tune on the target machine with the same --tuning-db" in result.stderr
+    assert "Hint: export the tasks with --tune-export DIR" in result.stderr
+
+
+# ------------------------------------------------------------------------- tuning on the target (--tune-export)
+
+def test_export_tune_merge_round_trip(conv_onnx, tmp_path, monkeypatch):
+    """--tune-export writes the missing tasks instead of tuning them; the worker runs them wherever the folder is
+    carried; tune-merge brings the records into the database, and the next build finds them there."""
+    import shutil
+    import subprocess
+
+    no_worker(monkeypatch)
+    db, exp = tmp_path / "db", tmp_path / "exp"
+    first = build(conv_onnx, tmp_path / "o1", db, quick_config(tmp_path), tune_export=exp)
+    t = first.tuning
+    assert t.exported == str(exp) and t.trials == 0 and t.hits == 0 and first.accuracy.ok
+    assert any("written to" in w and "tune-merge" in w for w in first.warnings)
+    spec = json.loads((exp / "spec.json").read_text())
+    assert len(spec["tasks"]) == t.tasks and spec["work_dir"] == "db" and spec["measure_defaults"] is True
+    assert all(not Path(e["mod"]).is_absolute() and (exp / e["mod"]).is_file() for e in spec["tasks"])
+
+    moved = tmp_path / "carried"  # as on the target machine: another folder, another working directory
+    shutil.copytree(exp, moved)
+    spec.update(trials=4 * len(spec["tasks"]), trials_per_task=4, time_budget_s=None)
+    (moved / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "autoglm_compile.tune_worker", str(moved / "spec.json")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (moved / "db" / "database_tuning_record.json").is_file()
+
+    # A default schedule the worker timed faster than any record (as it does for GPU tasks, whose default is DLight's):
+    # that task keeps its default, the others are merged.
+    first = spec["tasks"][0]["name"]
+    (moved / "db" / "defaults_gpu.json").write_text(json.dumps({first: 0.0}))
+    result = runner.invoke(cli.app, ["tune-merge", str(moved), "-t", "host", "--tuning-db", str(db)])
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\t") for line in result.stdout.splitlines() if "\t" in line]
+    merged = [name for name, us in lines if not us.endswith("(default)")]
+    assert [name for name, us in lines if us.endswith("(default)")] == [first] and first not in merged
+    assert merged and f"merged {len(merged)} task(s)" in result.stderr and "1 keep the default GPU schedule" in result.stderr
+
+    second = build(conv_onnx, tmp_path / "o2", db, quick_config(tmp_path), tune_export=tmp_path / "exp2")
+    assert second.tuning.hits == len(merged) and second.accuracy.ok
+    assert {x.name for x in second.tuning.per_task if x.status == "cached"} == set(merged)
+
+
+def test_tune_merge_refuses_another_target(conv_onnx, tmp_path, monkeypatch):
+    no_worker(monkeypatch)
+    build(conv_onnx, tmp_path / "o", tmp_path / "db", quick_config(tmp_path), tune_export=tmp_path / "exp")
+    (tmp_path / "exp" / "db").mkdir()
+    (tmp_path / "exp" / "db" / "database_tuning_record.json").write_text("")
+    result = runner.invoke(cli.app, ["tune-merge", str(tmp_path / "exp"), "-t", "x86-64-avx2", "--tuning-db", str(tmp_path / "db")])
+    assert result.exit_code == ExitCode.USAGE and "were exported for target" in result.stderr
+    result = runner.invoke(cli.app, ["tune-merge", str(tmp_path / "nothing"), "-t", "host"])
+    assert result.exit_code == ExitCode.USAGE and "no spec.json" in result.stderr
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="CUDA builds need nvcc")
+def test_cuda_tasks_export_for_the_gpu(conv_onnx, tmp_path, monkeypatch):
+    """A CUDA target tunes on the GPU machine: the tasks go to the export folder (no default-schedule timing: an
+    unscheduled GPU kernel binds no threads), and this build takes DLight's schedules for them."""
+    no_worker(monkeypatch)
+    report = build(conv_onnx, tmp_path / "o", tmp_path / "db", quick_config(tmp_path), target="nvidia-h100", tune_export=tmp_path / "exp")
+    spec = json.loads((tmp_path / "exp" / "spec.json").read_text())
+    assert spec["target"]["kind"] == "cuda" and spec["target"]["arch"] == "sm_90" and spec["measure_defaults"] is False
+    assert report.tuning.tasks == len(spec["tasks"]) > 0 and report.result == "ok"
+    result = runner.invoke(cli.app, ["compile", str(conv_onnx), "-t", "nvidia-h100", "-o", str(tmp_path / "o2"), "--tuning-db", str(tmp_path / "db")])
+    assert result.exit_code == ExitCode.USAGE and "--tune-export" in result.stderr
