@@ -63,5 +63,28 @@ models: install
 	$(BIN)/python -m autoglm_compile.realmodels fetch $(REAL_MODELS) --cache $(REAL_CACHE)
 	$(BIN)/python -m autoglm_compile.realmodels list $(REAL_MODELS)
 
+# aarch64 artifacts run under qemu-aarch64 (Debian's qemu-user, installed when missing and root) with Debian's arm64
+# Python and numpy and the aarch64 TVM runtime bundle, compared with ONNX Runtime here (autoglm_compile.qemu,
+# docs/targets.md). Needs the network once; the sysroot and wheels are cached in ~/.cache/autoglm-compile.
+QEMU_TARGETS ?= arm-cortex-a76 arm-cortex-a78 arm-neoverse-v1
+.PHONY: qemu-check
+qemu-check: install
+	@command -v qemu-aarch64 >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing qemu-user (qemu-aarch64)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; \
+	  else \
+	    echo "qemu-aarch64 not found: install Debian's qemu-user (needs root)"; exit 2; \
+	  fi; }
+	@for t in $(QEMU_TARGETS); do $(BIN)/python -m autoglm_compile.qemu --target $$t || exit $$?; done
+
+# Ours against ONNX Runtime, PyTorch eager and torch.compile on this machine (ResNet-50, BERT-base; batch 1), with
+# build + tune time and peak memory: docs/benchmarks.md and .json (benchmarks/bench.py; GPU rows come from its 'gpu'
+# command on the GPU machine). Tens of minutes: each model is tuned for BENCH_TUNE (the tuning cache is reused).
+BENCH_TUNE ?= 10m
+.PHONY: bench
+bench: install
+	$(BIN)/python benchmarks/bench.py host --tune-time $(BENCH_TUNE) --write docs/benchmarks.md
+
 clean:
 	rm -rf build dist *.egg-info

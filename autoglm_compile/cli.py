@@ -22,7 +22,7 @@ from .errors import CompileError, ExitCode
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile ONNX and PyTorch models ahead of time with TVM, verified against ONNX Runtime.")
 err = Console(stderr=True)
-COMMANDS = ("compile", "run", "targets", "passes", "doctor")
+COMMANDS = ("compile", "run", "tune-merge", "bundle-runtime", "targets", "passes", "doctor")
 
 
 def fail(e: CompileError) -> typer.Exit:
@@ -68,8 +68,8 @@ def compile_cmd(
     opt_level: int = typer.Option(2, "-O", min=0, max=3, help="preset configs/O<N>.yaml"),
     config: Optional[Path] = typer.Option(None, "--config", help="pipeline YAML (may 'extends: O2')"),
     dump_config: bool = typer.Option(False, "--dump-config", help="print the resolved config and exit"),
-    input_shape: List[str] = typer.Option([], "--input-shape", "-s", help="NAME=1x3x224x224[:dtype]; repeatable"),
-    dim: List[str] = typer.Option([], "--dim", help="value for a symbolic dim by name, e.g. batch=1; repeatable"),
+    input_shape: List[str] = typer.Option([], "--input-shape", "-s", help="NAME=1x3x224x224[:dtype]; repeatable. Shape buckets: NAME=1x3x224x224,8x3x224x224 builds one variant per shape into one artifact, dispatched by the input's shape (bucket k takes the k-th shape of every input that lists several)"),
+    dim: List[str] = typer.Option([], "--dim", help="value for a symbolic dim by name, e.g. batch=1; repeatable. Shape buckets: batch=1,4,8, or a range batch=1..8 (1, 2, 4, 8: doubling up to the end)"),
     sample_inputs: Optional[Path] = typer.Option(None, "--sample-inputs", help="FILE.npz (arrays by input name) or a folder of .npz files: verification and latency use them instead of random inputs"),
     input_value: List[str] = typer.Option([], "--input-value", help="NAME=V: freeze a scalar input into the graph as a constant (before the passes); repeatable"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow full unpickling of a PyTorch file"),
@@ -78,9 +78,14 @@ def compile_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random verification inputs"),
     runs: Optional[int] = typer.Option(None, "--runs", min=1, help="timed runs"),
     verify_each_pass: bool = typer.Option(False, "--verify-each-pass", help="check outputs under ONNX Runtime after every pass"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 (adds convert-float16; fp16 tolerances)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 (adds convert-float16), int8 (calibrated QDQ; needs --calib-data or --calib-synthetic) or mixed (int8 where the accuracy budget allows)"),
+    calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="int8/mixed calibration data: FILE.npz (arrays by input name; a leading extra dim holds several samples) or a folder of .npz files"),
+    calib_method: Optional[str] = typer.Option(None, "--calib-method", help="minmax, entropy or percentile (ONNX Runtime's calibrators) [default: minmax]"),
+    calib_synthetic: bool = typer.Option(False, "--calib-synthetic", help="calibrate on random inputs; the report marks the result 'not representative'"),
+    accuracy_budget: Optional[str] = typer.Option(None, "--accuracy-budget", help="fp16/int8/mixed accuracy budget on the verification inputs, e.g. cosine>=0.995, max-rel<=0.02, top1-agree>=0.99 (exit 4 if unmet) [default: cosine>=0.999 fp16, cosine>=0.99 int8, exit 3]"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="budget on p50 latency (exit 4)"),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="budget on max abs error (exit 4)"),
+    max_memory_mb: Optional[float] = typer.Option(None, "--max-memory-mb", help="budget on the memory the model needs: weights + inputs + peak activations + workspace, MB = 10^6 bytes (exit 4). A model that exceeds the target's memory_capacity_gb fails with exit 2 regardless"),
     fallback: Optional[str] = typer.Option(None, "--fallback", help="onnxruntime|none: run the nodes the target cannot (TVM: nodes its importer lacks; NPU: outside the vendor's op list) on ONNX Runtime's CPU provider [default: onnxruntime on TVM targets, none on NPU targets]"),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="short for --fallback none"),
     backend: str = typer.Option("tvm", "--backend", help="tvm, or auto: also time the whole model on ONNX Runtime and package the faster (the report keeps TVM's own latency)"),
@@ -89,6 +94,7 @@ def compile_cmd(
     tune_time: Optional[str] = typer.Option(None, "--tune-time", help="tuning time budget: seconds or 90s, 10m, 1h30m (implies --tune) [default: 10m]"),
     tuning_db: Optional[Path] = typer.Option(None, "--tuning-db", help="tuning database folder, e.g. one shared in CI (implies --tune) [default: ~/.cache/autoglm-compile/tuning]"),
     tune_strict: bool = typer.Option(False, "--tune-strict", help="fail (exit 2) on a task missing from the tuning database instead of tuning it (implies --tune)"),
+    tune_export: Optional[Path] = typer.Option(None, "--tune-export", help="DIR: write the tasks missing from the tuning database there, to tune on the target machine (python -m autoglm_compile.tune_worker DIR/spec.json), then 'tune-merge DIR'; this build uses default schedules for them (implies --tune)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no table"),
 ) -> None:
@@ -99,9 +105,10 @@ def compile_cmd(
     opts = CompileOptions(
         source=model, target=target, output=output, preset=f"O{opt_level}", config_path=config,
         input_shapes=list(input_shape), dims=list(dim), sample_inputs=sample_inputs, input_values=list(input_value), trust_pickle=trust_pickle, weights=weights, archive=archive,
-        seed=seed, runs=runs, verify_each_pass=verify_each_pass, precision=precision, max_latency_ms=max_latency_ms, max_error=max_error,
+        seed=seed, runs=runs, verify_each_pass=verify_each_pass, precision=precision, calib_data=calib_data, calib_method=calib_method,
+        calib_synthetic=calib_synthetic, accuracy_budget=accuracy_budget, max_latency_ms=max_latency_ms, max_error=max_error, max_memory_mb=max_memory_mb,
         fallback="none" if no_fallback else fallback, backend=backend,
-        tune=tune, tune_trials=tune_trials, tune_time=tune_time, tuning_db=tuning_db, tune_strict=tune_strict,
+        tune=tune, tune_trials=tune_trials, tune_time=tune_time, tuning_db=tuning_db, tune_strict=tune_strict, tune_export=tune_export,
     )
     try:
         if no_fallback and fallback not in (None, "none"):
@@ -147,45 +154,63 @@ def run_cmd(
     check: bool = typer.Option(False, "--check", help="compare with the ONNX Runtime outputs stored in the artifact (exit 3 on mismatch)"),
     as_json: bool = typer.Option(False, "--json", help="print the output summary as JSON"),
 ) -> None:
-    """Run an artifact on this machine. Without --input it runs the artifact's stored verification inputs."""
+    """Run an artifact on this machine. Without --input it runs the artifact's stored verification inputs (those of
+    every bucket, for an artifact with shape buckets)."""
     import numpy as np
 
     from .runtime import ArtifactError, load
 
     try:
         model = load(artifact)
-        feeds, stored = {}, not input
-        for item in input:
-            feeds.update(_read_input(item))
-        if stored:
-            with np.load(artifact / model.manifest["verify"]["inputs"]) as z:
-                feeds = {k: z[k] for k in z.files}
-        outputs = model(feeds)
+        stored = not input
+        if stored:  # (bucket, inputs, verify entry): one per bucket, or one unlabelled for a single-shape artifact
+            entries = model.manifest["verify"]
+            cases = []
+            for v in entries if isinstance(entries, list) else [dict(entries, bucket=None)]:
+                with np.load(artifact / v["inputs"]) as z:
+                    cases.append((v["bucket"], {k: z[k] for k in z.files}, v))
+        else:
+            feeds = {}
+            for item in input:
+                feeds.update(_read_input(item))
+            cases = [(None, feeds, None)]
+        results = [(label, model(feeds), v) for label, feeds, v in cases]
     except ArtifactError as e:
         raise fail(CompileError(str(e), e.hint))
     from .pipeline import summarize
 
     names = [o["name"] for o in model.outputs]
-    summary = [summarize(n, a) for n, a in zip(names, outputs)]
+    summaries = [(label, [summarize(n, a) for n, a in zip(names, outputs)]) for label, outputs, _ in results]
     if save:
-        np.savez(save, **dict(zip(names, outputs)))
+        np.savez(save, **{(f"{label}/{n}" if label else n): a for label, outputs, _ in results for n, a in zip(names, outputs)})
     if as_json:
-        typer.echo(json.dumps({"inputs": "stored verification inputs" if stored else "given", "outputs": summary}, indent=2))
+        doc: dict = {"inputs": "stored verification inputs" if stored else "given"}
+        if summaries[0][0] is None:
+            doc["outputs"] = summaries[0][1]
+        else:
+            doc["buckets"] = [{"bucket": label, "outputs": summary} for label, summary in summaries]
+        typer.echo(json.dumps(doc, indent=2))
     else:
-        for s in summary:
-            typer.echo(f"{s['name']}: {s['dtype']}{s['shape']} mean={s['mean']:.6g} std={s['std']:.6g} abs_sum={s['abs_sum']:.6g}")
+        for label, summary in summaries:
+            for s in summary:
+                typer.echo(f"{label + ': ' if label else ''}{s['name']}: {s['dtype']}{s['shape']} mean={s['mean']:.6g} std={s['std']:.6g} abs_sum={s['abs_sum']:.6g}")
     if check:
         from .measure import compare
 
         if not stored:
             raise fail(CompileError("--check compares the stored verification inputs' outputs", "leave out --input to use them"))
-        v = model.manifest["verify"]
-        with np.load(artifact / v["expected"]) as z:
-            expected = [z[n] for n in names]
-        result = compare(outputs, expected, names, v["rtol"], v["atol"])
-        worst = max(o.max_abs for o in result.outputs)
-        err.print(f"check vs ONNX Runtime (rtol {v['rtol']:g}, atol {v['atol']:g}): {'PASS' if result.ok else 'FAIL'}, max abs {worst:.3g}")
-        if not result.ok:
+        failed = False
+        for label, outputs, v in results:
+            with np.load(artifact / v["expected"]) as z:
+                expected = [z[n] for n in names]
+            from .precision import Budget
+
+            budget = Budget.model_validate(v["budget"]) if v.get("budget") else None  # fp16/int8/mixed artifacts
+            result = compare(outputs, expected, names, v["rtol"], v["atol"], budget)
+            worst = max(o.max_abs for o in result.outputs)
+            err.print(f"{label + ': ' if label else ''}check vs ONNX Runtime ({result.check_text()}): {'PASS' if result.ok else 'FAIL'}, max abs {worst:.3g}")
+            failed = failed or not result.ok
+        if failed:
             raise typer.Exit(int(ExitCode.ACCURACY))
 
 
@@ -203,6 +228,52 @@ def _read_input(item: str) -> dict:
         return {name: np.load(file)}
     except (ValueError, OSError) as e:
         raise fail(CompileError(f"cannot read {file}: {e}", "save inputs with numpy.save / numpy.savez")) from None
+
+
+@app.command("tune-merge")
+def tune_merge_cmd(
+    folder: Path = typer.Argument(..., help="the folder written by --tune-export, after tune_worker ran on the target"),
+    target: str = typer.Option(..., "--target", "-t", help="the target the tasks were exported for"),
+    tuning_db: Optional[Path] = typer.Option(None, "--tuning-db", help="tuning database folder [default: ~/.cache/autoglm-compile/tuning]"),
+) -> None:
+    """Merge tuning records measured on the target machine into the tuning database."""
+    from .target import resolve_target
+    from .tuning import merge_export
+    from .tvm_build import make_target
+
+    try:
+        path, best, kept = merge_export(folder, make_target(resolve_target(target)), tuning_db)
+    except CompileError as e:
+        raise fail(e)
+    err.print(f"merged {len(best)} task(s) into {path}" + (f"; {len(kept)} keep the default GPU schedule, which tuning did not beat" if kept else ""), highlight=False)
+    for name, us in sorted(best.items(), key=lambda kv: -kv[1]):
+        typer.echo(f"{name}\t{us:.1f} us")
+    for name, us in sorted(kept.items(), key=lambda kv: -kv[1]):
+        typer.echo(f"{name}\t{us:.1f} us (default)")
+
+
+@app.command("bundle-runtime")
+def bundle_runtime_cmd(
+    target: str = typer.Option("host", "--target", "-t", help="the target whose artifacts the device runs"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="bundle folder [default: build/runtime-<target>]"),
+    python: Optional[str] = typer.Option(None, "--python", help="the device's Python, X.Y [default: this one's]"),
+    as_json: bool = typer.Option(False, "--json", help="print the bundle's BUNDLE.json"),
+) -> None:
+    """Write the TVM runtime a device needs to run artifacts (no compiler): PYTHONPATH=DIR TVM_USE_RUNTIME_LIB=1."""
+    from .bundle import write_bundle
+
+    try:
+        bundle = write_bundle(target, output, python, log=lambda text: err.print(text, highlight=False))
+    except CompileError as e:
+        raise fail(e)
+    i = bundle.info
+    if as_json:
+        typer.echo(json.dumps({"path": str(bundle.path), **i}, indent=2))
+        return
+    source = i["from"] if isinstance(i["from"], str) else f"the {i['arch']} wheels"
+    err.print(f"wrote {bundle.path}: {i['bytes'] / 2**20:.1f} MiB, {i['files']} files, TVM {i['versions']['apache-tvm']} runtime for {i['arch']}"
+              f"{' + CUDA' if i['cuda'] else ''}, CPython {i['python']} (from {source})", highlight=False, soft_wrap=True)
+    err.print(f"on the device: PYTHONPATH={bundle.path.name} TVM_USE_RUNTIME_LIB=1 python3 ...; it needs {', '.join(i['needs'])}", highlight=False, soft_wrap=True)
 
 
 @app.command("targets")

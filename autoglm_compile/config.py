@@ -28,8 +28,11 @@ class PassSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-# Tolerances against ONNX Runtime on the fp32 source model, by the precision the graph computes in.
-TOLERANCES = {"fp32": (1e-3, 1e-4), "fp16": (1e-3, 2.5e-3)}
+# Tolerances against ONNX Runtime on the fp32 source model, by the precision the graph computes in. fp16, int8 and
+# mixed builds are checked against an accuracy budget instead (autoglm_compile.precision); their rtol/atol only
+# label the max abs / max rel errors that the report still gives.
+TOLERANCES = {"fp32": (1e-3, 1e-4), "fp16": (1e-3, 2.5e-3), "int8": (1e-3, 1e-4), "mixed": (1e-3, 1e-4)}
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 # Passes that lower the precision, and the precision they lower it to.
 PRECISION_PASSES = {"convert-float16": "fp16"}
 
@@ -84,6 +87,7 @@ class TuneConfig(_Strict):
     database: str | None = Field(None, description="tuning database folder; default: $XDG_CACHE_HOME/autoglm-compile/tuning (~/.cache/...)")
     strict: bool = Field(False, description="fail on a task missing from the database instead of tuning it (reproducible CI builds)")
     cost_model: Literal["xgb", "random"] = Field("xgb", description="MetaSchedule's cost model: xgb (its default) or random (no xgboost)")
+    export: str | None = Field(None, description="folder: write the tasks missing from the database there, for tuning on the target machine (tune_worker there, then tune-merge here), and build with default schedules for them")
 
     @field_validator("time_budget", mode="before")
     @classmethod
@@ -100,7 +104,40 @@ class MeasureConfig(_Strict):
     baseline: bool = Field(True, description="also time ONNX Runtime on the same machine")
 
 
+class CalibrationConfig(_Strict):
+    """INT8 calibration data (autoglm_compile/quantize.py). The ranges come from ONNX Runtime's calibrators."""
+
+    data: str | None = Field(None, description="an .npz (arrays by input name; a leading extra dim holds several samples) or a folder of .npz files, as --sample-inputs")
+    method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="ONNX Runtime's CalibrationMethod")
+    samples: int = Field(32, ge=1, description="calibration samples used at most")
+    synthetic: bool = Field(False, description="random inputs (the verification rule) when there is no data; the report marks the result 'not representative'")
+
+
+class PrecisionConfig(_Strict):
+    """The precision the build computes in. fp16 adds convert-float16 to the passes; int8 and mixed quantize the graph
+    at the end of the graph stage (QDQ, per-channel weights) and keep in float the nodes the accuracy budget needs."""
+
+    mode: Literal["fp32", "fp16", "int8", "mixed"] | None = Field(None, description="None: what the passes compute in (convert-float16: fp16, else fp32)")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    keep_float: list[str] = Field(default_factory=list, description="node names or op types never quantized")
+    budget: str | None = Field(None, description="accuracy budget, e.g. 'cosine>=0.995', 'max-rel<=0.02', 'top1-agree>=0.99'; None: the precision's default")
+    per_channel: bool = Field(True, description="per-channel weights (opset 13 or later; the graph is upgraded where needed)")
+    max_rounds: int = Field(8, ge=0, description="protection rounds; round k keeps the 2^(k-1) worst activation tensors in float")
+    scan: int = Field(128, ge=0, description="activation tensors whose contribution to the output error is measured one by one; with more candidates, those with the lowest quantization SQNR")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from .precision import parse_budget
+
+        return parse_budget(v).text  # raises ValueError with the reason
+
+
 class PipelineConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
+
     name: str = "custom"
     description: str = ""
     passes: list[PassSpec] = Field(default_factory=list)
@@ -108,15 +145,42 @@ class PipelineConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    # The YAML key is `precision:`; the name `precision` is the property below (the precision the build computes in).
+    precision_config: PrecisionConfig = Field(default_factory=PrecisionConfig, alias="precision")
 
     @property
     def precision(self) -> str:
-        """The lowest precision a pass converts the graph to (fp32 when none does)."""
+        """int8 or mixed when precision.mode says so, else the lowest precision a pass converts the graph to (fp32
+        when none does)."""
+        if self.precision_config.mode in ("int8", "mixed"):
+            return self.precision_config.mode
+        return self._pass_precision()
+
+    def _pass_precision(self) -> str:
         found = [PRECISION_PASSES[p.name] for p in self.passes if p.name in PRECISION_PASSES]
         return found[-1] if found else "fp32"
 
+    @property
+    def accuracy_budget(self):
+        """The accuracy budget in force (precision.Budget): the user's, else the precision's default; None for fp32,
+        which is checked with rtol/atol."""
+        from .precision import default_budget, parse_budget
+
+        if self.precision_config.budget is not None:
+            return parse_budget(self.precision_config.budget, source="user", precision=self.precision)
+        return default_budget(self.precision)
+
     @model_validator(mode="after")
     def _tolerances(self) -> "PipelineConfig":
+        pc, by_passes = self.precision_config, self._pass_precision()
+        if pc.mode is None:
+            pc.mode = by_passes
+        elif pc.mode in ("fp32", "fp16") and pc.mode != by_passes:
+            raise ValueError(f"precision.mode is {pc.mode}, but the passes compute in {by_passes} (convert-float16 makes fp16)")
+        elif pc.mode in ("int8", "mixed") and by_passes == "fp16":
+            raise ValueError(f"precision.mode {pc.mode} on a float16 graph (convert-float16) is not built: drop the pass")
+        if pc.budget is not None and self.precision == "fp32":
+            raise ValueError("an accuracy budget applies to fp16, int8 and mixed builds; fp32 builds are checked with verify.rtol/atol (use --max-error for a budget)")
         rtol, atol = TOLERANCES[self.precision]
         if self.verify.rtol is None:
             self.verify.rtol = rtol
@@ -142,7 +206,7 @@ class PipelineConfig(_Strict):
 
 
 def apply_tune_flags(cfg: PipelineConfig, trials: int | None = None, time: str | float | None = None,
-                     database: str | Path | None = None, strict: bool = False) -> None:
+                     database: str | Path | None = None, strict: bool = False, export: str | Path | None = None) -> None:
     """--tune and the --tune-* flags (each implies --tune): the 'tune' schedule strategy, with the flags given
     overriding the config's tune: section."""
     cfg.schedule.strategy = "tune"
@@ -159,6 +223,8 @@ def apply_tune_flags(cfg: PipelineConfig, trials: int | None = None, time: str |
         cfg.tune.database = str(database)
     if strict:
         cfg.tune.strict = True
+    if export is not None:
+        cfg.tune.export = str(export)
 
 
 def _read_yaml(path: str, text: str) -> dict:
@@ -197,11 +263,14 @@ def _validate(path: str, data: dict) -> PipelineConfig:
         if err["type"] == "extra_forbidden":
             model = PipelineConfig
             for part in err["loc"][:-1]:
-                field = model.model_fields.get(str(part))
+                field = next((f for n, f in model.model_fields.items() if (f.alias or n) == str(part)), None)
                 if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
                     break
                 model = field.annotation
-            valid = f"; valid keys: {', '.join(model.model_fields)}"
+            valid = f"; valid keys: {', '.join(f.alias or n for n, f in model.model_fields.items())}"
+        if err["type"] == "value_error":  # a validator's own message (precision.budget, precision.mode)
+            hint = "see the precision section in README.md" if not err["loc"] or err["loc"][0] == "precision" else "see configs/O2.yaml"
+            raise InputError(f"{path}: {where + ': ' if err['loc'] else ''}{err['msg'].removeprefix('Value error, ')}", hint) from None
         raise InputError(f"{path}: invalid config key '{where}': {err['msg']}{valid}", "see configs/O2.yaml") from None
     # Pass names and options are checked against the registry, so a typo fails before any work is done.
     from .pass_manager import validate_pass_specs
@@ -221,8 +290,9 @@ def _pass_names(items: list) -> list[str]:
 
 
 def load_config(preset: str = DEFAULT_PRESET, path: str | Path | None = None, precision: str | None = None) -> PipelineConfig:
-    """The preset, or a user file (which may `extends: O2` and override parts of it). precision="fp16" appends
-    convert-float16 to the passes unless they convert already; the tolerances then follow (TOLERANCES)."""
+    """The preset, or a user file (which may `extends: O2` and override parts of it). precision (--precision, else
+    the config's precision.mode): fp16 appends convert-float16 to the passes unless they convert already; int8 and
+    mixed set precision.mode (the graph stage then quantizes); the tolerances follow (TOLERANCES)."""
     if path is None:
         where, data = f"configs/{preset}.yaml", _preset_data(preset)
     else:
@@ -233,12 +303,17 @@ def load_config(preset: str = DEFAULT_PRESET, path: str | Path | None = None, pr
         base = data.pop("extends", None)
         if base is not None:
             data = _merge(_preset_data(str(base)), data)
-    if precision not in (None, "fp32"):
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"unknown precision '{precision}'", f"valid precisions: {', '.join(PRECISIONS)}")
+    section = data.get("precision") if isinstance(data.get("precision"), dict) else {}
+    mode = precision or section.get("mode")
+    converts = [n for n in _pass_names(data.get("passes")) if n in PRECISION_PASSES]
+    if mode == "fp16":
         wanted = {v: k for k, v in PRECISION_PASSES.items()}
-        if precision not in wanted:
-            raise InputError(f"unknown precision '{precision}'", f"valid precisions: fp32, {', '.join(wanted)}")
-        if wanted[precision] not in _pass_names(data.get("passes")):
-            data = {**data, "passes": [*(data.get("passes") or []), wanted[precision]]}
-    elif precision == "fp32" and any(n in PRECISION_PASSES for n in _pass_names(data.get("passes"))):
-        raise InputError(f"{where} converts to a lower precision, but --precision fp32 was asked", "drop --precision, or the convert pass from the config")
+        if wanted[mode] not in converts:
+            data = {**data, "passes": [*(data.get("passes") or []), wanted[mode]]}
+    elif mode in ("fp32", "int8", "mixed") and converts and precision is not None:
+        raise InputError(f"{where} converts to a lower precision ({converts[0]}), but --precision {precision} was asked", "drop --precision, or the convert pass from the config")
+    if precision is not None and "precision" in data or precision in ("int8", "mixed"):
+        data = {**data, "precision": {**section, "mode": precision}}
     return _validate(where, data)

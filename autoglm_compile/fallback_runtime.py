@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import INITIAL_AFFINITY, ArtifactError, check_feeds, restore_affinity
+from .runtime import INITIAL_AFFINITY, ArtifactError, check_feeds, restore_affinity, tvm_device
 
 
 def _to_numpy(value, on_cpu: bool) -> list[np.ndarray]:
@@ -48,7 +48,7 @@ class PartitionedModel:
         self.path, self.manifest = Path(path), manifest
         self.inputs, self.outputs = manifest["inputs"], manifest["outputs"]
         kind = device or manifest["target"]["device"]
-        self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        self.device = tvm_device(kind)
         self._on_cpu = kind != "cuda"
         self._tvm = tvm
         self._steps = []
@@ -73,7 +73,7 @@ class PartitionedModel:
         return self.check_inputs(feeds)
 
     def _tensor(self, a: np.ndarray):
-        a = np.ascontiguousarray(a)
+        a = np.require(a, requirements="C")  # not ascontiguousarray: it makes a 0-d tensor 1-d
         if self._on_cpu and a.ctypes.data % 64 == 0 and a.size:
             try:
                 return self._tvm.runtime.from_dlpack(a)

@@ -356,14 +356,16 @@ def stage_build(job) -> None:
     root = job.staging.path
     (root / "segments").mkdir(exist_ok=True)
     planned = storages = 0
+    figures = None
     for seg in job.partition.segments:
         if seg.backend == TVM:
             export(seg.build, str(root / seg.file), job.target, job.tvm_target)
             planned += seg.build.planned_bytes
             storages += seg.build.storages
+            figures = seg.build.figures if figures is None else figures + seg.build.figures
         else:
             onnx.save(seg.model, str(root / seg.file))
-    job.build = BuildResult(executable=None, planned_bytes=planned, storages=storages)
+    job.build = BuildResult(executable=None, planned_bytes=planned, storages=storages, figures=figures)
 
 
 def manifest_entries(job) -> dict:
@@ -498,12 +500,15 @@ def choose_backend(job, compiled) -> None:
         segments=[{"index": 0, "backend": ORT, "file": "segments/00.ort.onnx", "nodes": len(job.model.graph.node), "inputs": manifest["inputs"], "outputs": manifest["outputs"]}],
         runtime_dependencies={"apache-tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
     )
+    from .runfiles import write_run_files
+
+    write_run_files(root, manifest)  # now onnxruntime is needed: requirements-runtime.txt and RUN.md again
     manifest["files"] = file_hashes(root)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if r.memory is not None:
         r.memory.artifact_bytes = dir_size(root)
     v = job.config.verify
-    result = compare(load_artifact(root)(job.feeds), job.reference, job.output_names, v.rtol, v.atol)
+    result = compare(load_artifact(root)(job.feeds), job.reference, job.output_names, v.rtol, v.atol, job.config.accuracy_budget)
     if not result.ok:
         raise AccuracyError("--backend auto: the ONNX Runtime artifact does not match the reference", "leave out --backend auto and report the bug")
     r.warnings.append(f"--backend auto packaged ONNX Runtime (p50 {ort_ms:.3f} ms) over the TVM build (p50 {tvm_ms:.3f} ms); the latency above is TVM's own")

@@ -9,6 +9,7 @@ since the build is correct; a failed accuracy check does not).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import platform
@@ -54,15 +55,21 @@ class CompileOptions:
     precision: str | None = None  # fp16 adds convert-float16 to the passes; None: what the config says
     max_latency_ms: float | None = None
     max_error: float | None = None
+    max_memory_mb: float | None = None  # budget on the memory the model needs (memory_fit; MB = 10^6 bytes; exit 4)
     fallback: str | None = None  # onnxruntime | none (NPU targets: nodes outside the vendor's op list); None: none
     tune: bool = False  # --tune: schedule.strategy 'tune'; each tune_* below implies it
     tune_trials: int | None = None
     tune_time: str | float | None = None  # seconds or a duration: '90s', '10m', '1h30m'
     tuning_db: Path | None = None
     tune_strict: bool = False
+    tune_export: Path | None = None  # --tune-export DIR: tasks missing from the database, for tuning on the target
     backend: str = "tvm"  # --backend auto: package ONNX Runtime instead when it is faster (partition.choose_backend)
     sample_inputs: Path | None = None  # --sample-inputs: an .npz (arrays by input name) or a folder of them
     input_values: list[str] = field(default_factory=list)  # --input-value NAME=V: scalar inputs frozen as constants
+    calib_data: Path | None = None  # --calib-data (int8/mixed): an .npz or a folder of them, as --sample-inputs
+    calib_method: str | None = None  # --calib-method minmax|entropy|percentile
+    calib_synthetic: bool = False  # --calib-synthetic: random calibration data, marked "not representative"
+    accuracy_budget: str | None = None  # --accuracy-budget METRIC>=X / METRIC<=X (fp16/int8/mixed; exit 4 if unmet)
 
     def resolved_output(self) -> Path:
         if self.output is not None:
@@ -134,6 +141,9 @@ def stage_validate(job: Job) -> None:
             shapes = list(shapes) + _samples.sample_shapes(model, samples[0][1], given)
     job.inputs = resolve_inputs(model, shapes, job.opts.dims)
     job.output_names = [o.name for o in model.graph.output]
+    from .memory_fit import check_graph
+
+    check_graph(job)  # before anything is allocated for the reference run: a model too large for the target fails here
     if samples:
         _samples.check_samples(samples, job.inputs)
         job.feeds = samples[0][1]
@@ -148,13 +158,14 @@ def stage_validate(job: Job) -> None:
         raise InputError(f"ONNX Runtime cannot run the source model: {str(e).strip().splitlines()[0][:300]}", "the reference run failed: check the model and the input shapes") from None
 
 
-def _check_graph(job: Job, model: onnx.ModelProto, what: str):
+def _check_graph(job: Job, model: onnx.ModelProto, what: str, budget=None):
+    """The graph against the source model on ONNX Runtime: rtol/atol, or the accuracy budget where one is given."""
     v = job.config.verify
     try:
         got = run_ort(model, job.feeds)
     except Exception as e:
         raise AccuracyError(f"{what}: ONNX Runtime cannot run the optimized graph: {str(e).strip().splitlines()[0][:300]}", "run with -O0 to skip the graph passes, and report the bug") from None
-    return compare(got, job.reference, job.output_names, v.rtol, v.atol)
+    return compare(got, job.reference, job.output_names, v.rtol, v.atol, budget)
 
 
 def stage_passes(job: Job) -> None:
@@ -168,31 +179,40 @@ def stage_passes(job: Job) -> None:
     previous = [job.model]
 
     def after_pass(name: str, model: onnx.ModelProto) -> None:
-        result = _check_graph(job, model, f"after pass '{name}'")
+        from .config import PRECISION_PASSES
+
+        # A pass that lowers the precision is held to the accuracy budget; the others to rtol/atol.
+        result = _check_graph(job, model, f"after pass '{name}'", job.config.accuracy_budget if name in PRECISION_PASSES else None)
         if not result.ok:
             from .bisect import first_differing_node
 
             bad = next(o for o in result.outputs if not o.ok)
             where = first_differing_node(previous[0], model, job.feeds, result.rtol, result.atol)
             raise AccuracyError(
-                f"pass '{name}' changed the outputs: '{bad.name}' max abs error {bad.max_abs:.3g} (rtol {result.rtol:g}, atol {result.atol:g}); first differing node: {where or 'none of the shared tensors'}",
+                f"pass '{name}' changed the outputs: '{bad.name}' max abs error {bad.max_abs:.3g} ({result.check_text()}); first differing node: {where or 'none of the shared tensors'}",
                 f"leave '{name}' out of the config and report the bug",
             )
         previous[0] = model
 
     job.model, records = run_passes(job.model, job.config.passes, ctx, on_pass=lambda n: job.progress.note(f"pass {n}"), after_pass=after_pass if each else None)
     job.report.passes = records
+    if job.config.precision in ("int8", "mixed"):  # calibrated QDQ, accuracy-driven protection (quantize.py)
+        from .quantize import quantize_graph
+
+        quantize_graph(job)
 
 
 def stage_verify(job: Job) -> None:
     if not job.config.verify.graph:
         return
-    result = _check_graph(job, job.model, "after the graph stage")
+    result = _check_graph(job, job.model, "after the graph stage", job.config.accuracy_budget)
     for _file, feeds, ref in job.samples:  # the other sample inputs: the worst error per output
-        result = _worst(result, compare(run_ort(job.model, feeds), ref, job.output_names, result.rtol, result.atol))
+        result = _worst(result, compare(run_ort(job.model, feeds), ref, job.output_names, result.rtol, result.atol, result.budget))
     result.inputs = job.input_rule
     job.report.graph_verify = result
-    if not result.ok:
+    if not result.ok and _user_budget(job):  # a budget the user gave: exit 4 at the end, the artifact is written
+        job.report.warnings.append(f"graph verify: the accuracy budget is not met ({result.check_text()})")
+    elif not result.ok:
         bad = next(o for o in result.outputs if not o.ok)
         raise AccuracyError(f"the graph passes changed output '{bad.name}' (max abs {bad.max_abs:.3g})", "rerun with --verify-each-pass to find the pass")
 
@@ -242,6 +262,9 @@ def stage_build(job: Job) -> None:
         if not recover(job, e):
             raise
         return build_segments(job)
+    from .memory_fit import check_plan
+
+    check_plan(job, job.build.figures)  # TVM's memory plan and kernel workspace against the target's memory
     export(job.build, str(job.staging.path / LIBRARY), job.target, job.tvm_target)
 
 
@@ -267,7 +290,8 @@ def stage_package(job: Job) -> None:
             "tvm": job.target.tvm_target(),
             "descriptor": job.target.model_dump(exclude={"source"}),
         },
-        "verify": {"inputs": "verify/inputs.npz", "expected": "verify/expected.npz", "rtol": job.config.verify.rtol, "atol": job.config.verify.atol},
+        "verify": {"inputs": "verify/inputs.npz", "expected": "verify/expected.npz", "rtol": job.config.verify.rtol, "atol": job.config.verify.atol,
+                   **({"budget": job.config.accuracy_budget.model_dump()} if job.config.accuracy_budget else {})},
         "versions": {"autoglm_compile": __version__, "tvm": tvm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
         "source": {"model": job.opts.source, "frontend": job.loaded.frontend, "sha256": sha256(job.loaded.source_file) if job.loaded.source_file else None},
         "config": job.config.model_dump(),
@@ -278,6 +302,10 @@ def stage_package(job: Job) -> None:
         from .partition import manifest_entries
 
         manifest.update(manifest_entries(job))
+    from .runfiles import write_run_files
+
+    write_run_files(root, manifest)  # requirements-runtime.txt and RUN.md, hashed with the rest
+    manifest["files"] = file_hashes(root)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -291,6 +319,8 @@ def stage_measure(job: Job) -> None:
         planned_storages=job.build.storages,
         artifact_bytes=dir_size(job.staging.path),
         compile_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        intermediate_bytes=job.build.figures.tensor_bytes if job.build.figures is not None else None,
+        workspace_bytes=job.build.figures.workspace_bytes if job.build.figures is not None else None,
     )
     elsewhere = job.target.not_runnable_here()
     r.estimate = roofline_estimate(job)
@@ -307,13 +337,13 @@ def stage_measure(job: Job) -> None:
     compiled = load_artifact(job.staging.path)
     outputs = compiled(job.feeds)
     v = job.config.verify
-    r.accuracy = compare(outputs, job.reference, job.output_names, v.rtol, v.atol)
+    r.accuracy = compare(outputs, job.reference, job.output_names, v.rtol, v.atol, job.config.accuracy_budget)
     for _file, feeds, ref in job.samples:
-        r.accuracy = _worst(r.accuracy, compare(compiled(feeds), ref, job.output_names, v.rtol, v.atol))
+        r.accuracy = _worst(r.accuracy, compare(compiled(feeds), ref, job.output_names, v.rtol, v.atol, job.config.accuracy_budget))
     r.accuracy.inputs = job.input_rule
     r.output_summary = [summarize(n, a) for n, a in zip(job.output_names, outputs)]
-    if not r.accuracy.ok:
-        return  # no point timing a wrong build
+    if not r.accuracy.ok and not _user_budget(job):
+        return  # no point timing a wrong build (a build that misses the user's accuracy budget is correct: timed)
     m = job.config.measure
     if not m.enabled:
         r.latency = LatencyReport(status="not measured", reason="measure.enabled is false")
@@ -331,9 +361,11 @@ def stage_measure(job: Job) -> None:
     if m.baseline:
         restore_affinity()
         with job.progress.stage("measure: ONNX Runtime"):
-            sess = ort_session(job.loaded.model, threads=threads)
+            qdq = job.config.precision in ("int8", "mixed")  # int8: ONNX Runtime's int8 kernels on the same QDQ model
+            sess = ort_session(job.model if qdq else job.loaded.model, threads=threads)
             base = time_runs(lambda: sess.run(None, job.feeds), m.warmup, runs, min(m.min_runs, runs), m.max_seconds)
-        r.baseline = BaselineReport(runtime=f"onnxruntime (CPU, all graph optimizations, source model)", threads=threads, stats=base, ratio=stats.p50_ms / base.p50_ms)
+        what = "the QDQ model, model.opt.onnx" if qdq else "source model"
+        r.baseline = BaselineReport(runtime=f"onnxruntime (CPU, all graph optimizations, {what})", threads=threads, stats=base, ratio=stats.p50_ms / base.p50_ms)
     if job.opts.backend == "auto":  # package the faster of the TVM build and ONNX Runtime (partition.choose_backend)
         from .partition import choose_backend
 
@@ -343,8 +375,16 @@ def stage_measure(job: Job) -> None:
 def _worst(a, b):
     """Two accuracy results on different inputs as one: per output, the larger errors; ok only if both are."""
     outs = [x.model_copy(update={"max_abs": max(x.max_abs, y.max_abs), "max_rel": max(x.max_rel, y.max_rel), "ok": x.ok and y.ok,
-                                 "shape_mismatch": x.shape_mismatch or y.shape_mismatch}) for x, y in zip(a.outputs, b.outputs)]
+                                 "shape_mismatch": x.shape_mismatch or y.shape_mismatch,
+                                 "metric": x.metric if a.budget is None or x.metric is None or y.metric is None else a.budget.worse(x.metric, y.metric)})
+            for x, y in zip(a.outputs, b.outputs)]
     return a.model_copy(update={"ok": a.ok and b.ok, "outputs": outs})
+
+
+def _user_budget(job: Job) -> bool:
+    """Whether an accuracy budget the user gave is in force (a failure is then exit 4, not 3)."""
+    budget = job.config.accuracy_budget
+    return budget is not None and budget.source == "user"
 
 
 def roofline_estimate(job: Job):
@@ -400,6 +440,8 @@ VENDOR_STAGES: list[tuple[str, Callable[[Job], None]]] = [
 
 def resolve_config(opts: CompileOptions, target: TargetDescriptor | None = None) -> PipelineConfig:
     precision = opts.precision if target is None else vendor.default_precision(target, opts.precision)
+    if opts.precision is None and precision is not None and load_config(opts.preset, opts.config_path).precision in ("int8", "mixed"):
+        precision = None  # the config's precision.mode int8/mixed wins over an NPU's fp16 preference
     cfg = load_config(opts.preset, opts.config_path, precision)
     if target is not None and target.backend == "vendor-onnx":
         cfg = vendor.adapt_config(cfg, target)
@@ -407,15 +449,26 @@ def resolve_config(opts: CompileOptions, target: TargetDescriptor | None = None)
         cfg.verify.each_pass = True
     if opts.seed is not None:
         cfg.verify.seed = opts.seed
-    if opts.tune or opts.tune_trials is not None or opts.tune_time is not None or opts.tuning_db is not None or opts.tune_strict:
-        apply_tune_flags(cfg, opts.tune_trials, opts.tune_time, opts.tuning_db, opts.tune_strict)
-    return cfg
+    if opts.tune or opts.tune_trials is not None or opts.tune_time is not None or opts.tuning_db is not None or opts.tune_strict or opts.tune_export is not None:
+        apply_tune_flags(cfg, opts.tune_trials, opts.tune_time, opts.tuning_db, opts.tune_strict, opts.tune_export)
+    from .quantize import apply_precision_flags
+
+    return apply_precision_flags(cfg, opts)  # --calib-*, --accuracy-budget; int8 without calibration data: exit 2
 
 
 def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Report:
     """Compile and verify; returns the report. Raises a CompileError subclass on a user error, a failed accuracy
     check (AccuracyError, nothing written) or a failed budget (BudgetError, the artifact is written)."""
     progress = progress or Progress()
+    from .buckets import plan_buckets
+
+    buckets = plan_buckets(opts)  # --input-shape x=1x3x224x224,8x3x224x224 or --dim batch=1,4,8: one variant per bucket
+    if buckets is not None and len(buckets) > 1:
+        from .buckets import compile_buckets
+
+        return compile_buckets(opts, buckets, progress)
+    if buckets is not None:
+        opts = dataclasses.replace(opts, input_shapes=buckets[0].input_shapes, dims=buckets[0].dims)
     target = resolve_target(opts.target)  # bad target and config fail before any work
     config = resolve_config(opts, target)
     check_toolchain(target)  # a target this machine cannot build for fails here too
@@ -433,8 +486,9 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Rep
         from .partition import check_backend_option
 
         check_backend_option(opts.backend, target)
-    if config.precision not in target.precisions:
-        raise InputError(f"target '{target.name}' does not support {config.precision}", f"its precisions: {', '.join(target.precisions)}")
+    needed = "int8" if config.precision == "mixed" else config.precision  # mixed: int8, the rest in float
+    if needed not in target.precisions:
+        raise InputError(f"target '{target.name}' does not support {needed}", f"its precisions: {', '.join(target.precisions)}")
     output = opts.resolved_output()
     staging = Staging(output)
     job = Job(opts=opts, config=config, target=target, progress=progress, staging=staging, fallback=fallback)
@@ -454,11 +508,11 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Rep
                 job.report.frontend = job.loaded.frontend
                 job.report.inputs = [s.as_dict() for s in job.inputs]
                 job.report.outputs = [{"name": n, "shape": list(a.shape), "dtype": a.dtype.name} for n, a in zip(job.output_names, job.reference)]
-            if name == "measure" and job.report.accuracy is not None and not job.report.accuracy.ok:
+            if name == "measure" and job.report.accuracy is not None and not job.report.accuracy.ok and not _user_budget(job):
                 job.report.result = "accuracy-failed"
                 bad = next(o for o in job.report.accuracy.outputs if not o.ok)
                 raise AccuracyError(
-                    f"the build does not match ONNX Runtime: output '{bad.name}' max abs {bad.max_abs:.3g}, max rel {bad.max_rel:.3g} (rtol {job.report.accuracy.rtol:g}, atol {job.report.accuracy.atol:g})",
+                    f"the build does not match ONNX Runtime: output '{bad.name}' max abs {bad.max_abs:.3g}, max rel {bad.max_rel:.3g} ({job.report.accuracy.check_text()})",
                     "no artifact was written; try -O0 to rule out the graph passes, and report the bug",
                 )
         failures = check_budgets(job.report, opts)
@@ -493,4 +547,13 @@ def check_budgets(report: Report, opts: CompileOptions) -> list[str]:
             failures.append(f"--max-error {opts.max_error:g}: accuracy was not measured on this machine")
         elif worst > opts.max_error:
             failures.append(f"max abs error {worst:.3g} exceeds --max-error {opts.max_error:g}")
+    if opts.max_memory_mb is not None:
+        fit = report.memory_fit
+        if fit is None:
+            failures.append(f"--max-memory-mb {opts.max_memory_mb:g}: the memory the model needs was not estimated")
+        elif fit.needed_bytes > opts.max_memory_mb * 1e6:
+            failures.append(f"the model needs {fit.needed_bytes / 1e6:.1f} MB ({fit.basis}), more than --max-memory-mb {opts.max_memory_mb:g}")
+    from .quantize import accuracy_budget_failures
+
+    failures += accuracy_budget_failures(report)  # a user's accuracy budget (--accuracy-budget) not met
     return failures

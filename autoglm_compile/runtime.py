@@ -60,7 +60,7 @@ def check_feeds(inputs: list[dict], feeds: dict) -> dict[str, np.ndarray]:
         a = np.asarray(feeds[spec["name"]])
         if list(a.shape) != list(spec["shape"]) or a.dtype.name != spec["dtype"]:
             raise ArtifactError(f"input '{spec['name']}' is {a.dtype.name}{list(a.shape)}, the artifact takes {spec['dtype']}{spec['shape']}", "reshape or cast the input")
-        out[spec["name"]] = np.ascontiguousarray(a)
+        out[spec["name"]] = np.require(a, requirements="C")  # ascontiguousarray would make a 0-d input 1-d
     return out
 
 
@@ -85,7 +85,7 @@ class CompiledModel:
         self.inputs = self.manifest["inputs"]
         self.outputs = self.manifest["outputs"]
         kind = device or self.manifest["target"]["device"]
-        self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        self.device = tvm_device(kind)
         lib = tvm.runtime.load_module(str(self.path / self.manifest["library"]))
         self._vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
         self._main = self._vm["main"]
@@ -130,9 +130,33 @@ class VendorModel:
             raise ArtifactError(str(e), e.hint) from None
 
 
+def tvm_device(kind: str):
+    """The TVM device for "cuda" or "cpu". For CUDA in runtime-only mode (TVM_USE_RUNTIME_LIB=1, or no compiler
+    library), TVM's CUDA runtime, libtvm_runtime_cuda.so beside libtvm_runtime.so, is loaded here: only the compiler
+    side (tvm.backend.cuda) loads it otherwise. It needs the NVIDIA driver and the CUDA runtime library, not nvcc."""
+    import tvm
+
+    if kind != "cuda":
+        return tvm.cpu(0)
+    libs = tvm.base._LOADED_LIBS
+    if "tvm_runtime_cuda" not in libs:
+        import ctypes
+
+        path = Path(libs["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+        try:
+            libs["tvm_runtime_cuda"] = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+        except OSError as e:
+            raise ArtifactError(f"cannot load TVM's CUDA runtime: {e}", "install the NVIDIA driver and the CUDA 13 runtime library (libcudart.so.13), and use a TVM runtime with libtvm_runtime_cuda.so (autoglm-compile bundle-runtime --target <a CUDA target>)") from None
+    return tvm.cuda(0)
+
+
 def load(path: str | Path, device: str | None = None, threads: int | None = None):
     """Load an artifact. `threads` defaults to the cores this process may use."""
     manifest = read_manifest(path)
+    if manifest.get("buckets"):  # shape buckets: one variant per set of input shapes, dispatched by shape
+        from .bucket_runtime import BucketedModel
+
+        return BucketedModel(path, manifest, device, threads)
     if manifest.get("backend") == "vendor-onnx":
         return VendorModel(path, manifest, cpu=device == "cpu")
     if manifest.get("segments"):  # some nodes on ONNX Runtime (--fallback onnxruntime): needs onnxruntime too

@@ -298,6 +298,8 @@ def stage_package(job) -> None:
     inputs = [s.as_dict() for s in job.inputs]
     outputs = [{"name": n, "shape": list(a.shape), "dtype": a.dtype.name} for n, a in zip(job.output_names, job.reference)]
     verify = {"inputs": "verify/inputs.npz", "expected": "verify/expected.npz", "rtol": job.config.verify.rtol, "atol": job.config.verify.atol}
+    if job.config.accuracy_budget is not None:  # fp16/int8: runner.py --check uses the budget instead of rtol/atol
+        verify["budget"] = job.config.accuracy_budget.model_dump()
     runner_cfg = {
         "target": t.name,
         "vendor": t.npu.vendor,
@@ -357,6 +359,11 @@ def stage_package(job) -> None:
         "files": file_hashes(root),
         "reports": list(REPORT_FILES),
     }
+    from .runfiles import write_run_files
+
+    write_run_files(root, manifest)  # requirements-runtime.txt and RUN.md, hashed and listed with the rest
+    manifest["files"] = file_hashes(root)
+    v.files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -390,9 +397,10 @@ def stage_measure(job) -> None:
     # The artifact as a user runs it: runner.py's Runner, from the folder (here: ONNX Runtime CPU, with a note).
     runner = Runner(job.staging.path, log=job.progress.note)
     outputs = runner(job.feeds)
-    r.accuracy = compare(outputs, job.reference, job.output_names, v.rtol, v.atol)
+    budget = job.config.accuracy_budget  # fp16/int8: the accuracy budget instead of rtol/atol
+    r.accuracy = compare(outputs, job.reference, job.output_names, v.rtol, v.atol, budget)
     for _file, feeds, ref in job.samples:  # the other --sample-inputs files: the worst error per output
-        r.accuracy = _worst(r.accuracy, compare(runner(feeds), ref, job.output_names, v.rtol, v.atol))
+        r.accuracy = _worst(r.accuracy, compare(runner(feeds), ref, job.output_names, v.rtol, v.atol, budget))
     r.accuracy.inputs = job.input_rule
     r.accuracy.reference = f"onnxruntime (CPU) on the source model; the vendor ONNX ran on {runner.device}"
     r.output_summary = [summarize(n, a) for n, a in zip(job.output_names, outputs)]
