@@ -70,3 +70,28 @@ def test_artifact_runs_with_runtime_library_only(built_artifact, tmp_path):
         for name in z.files:
             assert got[name].shape == z[name].shape and got[name].dtype == z[name].dtype
             np.testing.assert_allclose(got[name], z[name], rtol=manifest["verify"]["rtol"], atol=manifest["verify"]["atol"])
+
+
+THREADS = """
+import json, os, sys
+import autoglm_compile
+m = autoglm_compile.load(sys.argv[1], threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)
+print(json.dumps({"threads": m.threads, "env": os.environ.get("TVM_NUM_THREADS")}))
+"""
+
+
+def test_the_thread_count_reaches_tvms_parallel_loops(built_artifact, tmp_path):
+    """TVM's parallel loops size themselves from TVM_NUM_THREADS (default: half the cores); load() sets it from
+    `threads`, else keeps the user's value, else takes every core this process may use."""
+    out, _, _ = built_artifact
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TVM_NUM_THREADS")}
+
+    def run(env, *args):
+        proc = subprocess.run([sys.executable, "-c", THREADS, str(out), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert run(base, "3") == {"threads": 3, "env": "3"}
+    assert run({**base, "TVM_NUM_THREADS": "1"}) == {"threads": 1, "env": "1"}
+    cores = len(os.sched_getaffinity(0))
+    assert run(base) == {"threads": cores, "env": str(cores)}
