@@ -160,6 +160,7 @@ class TuningReport(BaseModel):
     strict: bool = False
     tasks: int
     hits: int = Field(description="tasks found in the database (no trials)")
+    shipped: int = Field(0, description="of the hits, tasks whose records came from a database shipped in the package")
     misses: int = Field(description="tasks to tune: not in the database, or tuned there with fewer trials than trials_per_task (resumed)")
     resumed: int = Field(0, description="misses that had records, tuned further from them")
     trials: int = Field(0, description="candidates measured in this run")
@@ -247,7 +248,7 @@ def summary_rows(r: Report) -> list[tuple[str, str]]:
         rows.append(("memory fit", fit_text(r.memory_fit)))
     if r.tuning is not None:
         t = r.tuning
-        line = f"{t.tasks} tasks: {t.hits} cached, {t.misses} missed" + (f" ({t.resumed} resumed)" if t.resumed else "") + f"; {t.trials} trials in {t.seconds:.1f} s; {len(t.untuned)} untuned"
+        line = f"{t.tasks} tasks: {t.hits} cached" + (f" ({t.shipped} from the package's pre-tuned database)" if t.shipped else "") + f", {t.misses} missed" + (f" ({t.resumed} resumed)" if t.resumed else "") + f"; {t.trials} trials in {t.seconds:.1f} s; {len(t.untuned)} untuned"
         if t.stopped_by:
             line += f"; stopped by the {t.stopped_by}"
         if t.fell_back:

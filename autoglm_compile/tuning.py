@@ -197,6 +197,52 @@ def _salvaged_database(work_dir: Path):
     return ms.database.JSONDatabase(work_dir=str(clean), allow_missing=False)
 
 
+# ------------------------------------------------------------------------------------- shipped databases
+
+# Pre-tuned databases in the package: autoglm_compile/tuned/<target key>.tar.xz, each one target's database folder
+# (its two JSON files and target.json) as `pack_database` writes it. A build takes from it the records of the tasks
+# its tuning database lacks, so a user on a shipped target gets tuned kernels without tuning.
+SHIPPED = Path(__file__).parent / "tuned"
+SHIPPED_FILES = ("database_workload.json", "database_tuning_record.json", "target.json")
+
+
+def merge_shipped(db: TuningDatabase, tasks: list) -> dict[str, object]:
+    """Commit the shipped records of `tasks` for db's target into db; returns {task name: record}."""
+    import tarfile
+
+    archive = SHIPPED / f"{db.key}.tar.xz"
+    if not tasks or not archive.is_file():
+        return {}
+    with tempfile.TemporaryDirectory(prefix="autoglm-shipped-") as tmp:
+        with tarfile.open(archive) as tar:
+            for name in SHIPPED_FILES:
+                member = tar.getmember(name)
+                if not member.isfile():
+                    raise ValueError(f"{archive}: {name} is not a file")
+                with tar.extractfile(member) as src:
+                    (Path(tmp) / name).write_bytes(src.read())
+        return db.merge(Path(tmp), tasks)
+
+
+def pack_database(folder: Path, out_dir: Path = SHIPPED) -> Path:
+    """Write a target's database folder (from the tuning cache) as out_dir/<key>.tar.xz, ready to ship."""
+    import tarfile
+
+    folder = Path(folder)
+    for name in SHIPPED_FILES:
+        if not (folder / name).is_file():
+            raise UnsupportedError(f"{folder}: no {name}", "give a target's folder of the tuning cache, ~/.cache/autoglm-compile/tuning/<key>")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) / f"{folder.name}.tar.xz"
+    with tarfile.open(out, "w:xz", preset=9) as tar:
+        for name in SHIPPED_FILES:
+            info = tar.gettarinfo(str(folder / name), arcname=name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with open(folder / name, "rb") as f:
+                tar.addfile(info, f)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the worker
 
 def worker_command(spec_path: Path) -> list[str]:
@@ -421,6 +467,10 @@ def tune_and_lower(mod, target, ctx):
     db = TuningDatabase(Path(tune.database) if tune.database else default_database_root(), target)
     cache = db.load()
     cached = {t.task_name: _valid_record(cache, t.mod, target, t.task_name) for t in tasks}
+    from_package = merge_shipped(db, [t for t in tasks if cached[t.task_name] is None])
+    if from_package:
+        cache = db.load()
+        cached = {t.task_name: _valid_record(cache, t.mod, target, t.task_name) for t in tasks}
     keys = {t.task_name: workload_key(t.mod) for t in tasks}
     ledger = db.ledger()
     spent = {t.task_name: int(ledger.get(keys[t.task_name], {}).get("trials", 0)) for t in tasks}
@@ -437,7 +487,7 @@ def tune_and_lower(mod, target, ctx):
     resumed = [t for t in misses if cached[t.task_name] is not None]
     trials_budget = tune.trials if tune.trials is not None else sum(max(1, tune.trials_per_task - spent[t.task_name]) for t in misses)
     report = TuningReport(
-        database=str(db.path), target_key=db.key, strict=tune.strict, tasks=len(tasks), hits=len(hits), misses=len(misses),
+        database=str(db.path), target_key=db.key, strict=tune.strict, tasks=len(tasks), hits=len(hits), shipped=len(from_package), misses=len(misses),
         resumed=len(resumed), trials_budget=trials_budget, time_budget_s=tune.time_budget,
     )
     ctx.tuning = report

@@ -416,3 +416,27 @@ def test_cuda_tasks_export_for_the_gpu(conv_onnx, tmp_path, monkeypatch):
     assert report.tuning.tasks == len(spec["tasks"]) > 0 and report.result == "ok"
     result = runner.invoke(cli.app, ["compile", str(conv_onnx), "-t", "nvidia-h100", "-o", str(tmp_path / "o2"), "--tuning-db", str(tmp_path / "db")])
     assert result.exit_code == ExitCode.USAGE and "--tune-export" in result.stderr
+
+
+# ---------------------------------------------------------------------------------- databases in the package
+
+def test_shipped_database_fills_an_empty_cache(tuned, tmp_path, monkeypatch):
+    """A database packed into the package (tuning.SHIPPED) gives a build with an empty cache its records: no trials."""
+    model, db, first, _, root = tuned
+    monkeypatch.setattr(tuning, "SHIPPED", tmp_path / "shipped")
+    folder = next(p for p in db.iterdir() if (p / "target.json").is_file())
+    archive = tuning.pack_database(folder, tuning.SHIPPED)
+    assert archive.name == f"{folder.name}.tar.xz"
+    no_worker(monkeypatch)
+    expected = first.tuning.tasks - len(first.tuning.untuned)
+    report = build(model, tmp_path / "o", tmp_path / "empty_db", quick_config(tmp_path), tune_trials=8, tune_export=tmp_path / "exp")
+    t = report.tuning
+    assert t.shipped == expected and t.hits == expected and t.trials == 0 and report.accuracy.ok
+    again = build(model, tmp_path / "o2", tmp_path / "empty_db", quick_config(tmp_path), tune_trials=8, tune_export=tmp_path / "exp2")
+    assert again.tuning.hits == expected and again.tuning.shipped == 0  # now in the user's database
+
+
+def test_pack_database_refuses_a_folder_that_is_not_one(tmp_path):
+    with pytest.raises(Exception) as e:
+        tuning.pack_database(tmp_path, tmp_path / "out")
+    assert "no database_workload.json" in str(e.value)
