@@ -333,3 +333,18 @@ def test_backend_option_errors(tmp_path, conv_onnx, args, message):
     res = runner.invoke(app, ["compile", str(conv_onnx), "-o", str(tmp_path / "out"), *args])
     assert res.exit_code == 2, res.output
     assert message in res.output
+
+
+def test_a_bug_in_the_build_is_not_taken_for_an_unsupported_op(conv_onnx, tmp_path, monkeypatch):
+    """The fallback partitions around what TVM cannot lower or build; an ImportError (a broken install or a bug of
+    ours) is not that, and surfaces as one (exit 1 with its traceback in the CLI) instead of an all-ORT artifact."""
+    from autoglm_compile import tvm_build
+    from autoglm_compile.pipeline import CompileOptions, compile_model
+
+    def broken(*args, **kwargs):
+        raise ImportError("cannot import name 'x' from 'autoglm_compile.y'")
+
+    monkeypatch.setattr(tvm_build, "build", broken)
+    with pytest.raises(ImportError):
+        compile_model(CompileOptions(source=str(conv_onnx), output=tmp_path / "o", fallback="onnxruntime", runs=1))
+    assert not (tmp_path / "o").exists()
