@@ -174,6 +174,7 @@ def compile_buckets(opts, buckets: list[Bucket], progress):
             manifests.append(json.loads((staging.path / VARIANTS / b.name / MANIFEST).read_text()))
         root = staging.path
         manifest = bucket_manifest(buckets, manifests, FORMAT_VERSION)
+        manifest["files"].update(write_bucket_run_files(root, buckets, manifests))
         (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         report = combined_report(buckets, reports, manifests)
         report.memory.artifact_bytes = dir_size(root) if report.memory is not None else None
@@ -206,6 +207,38 @@ def compile_buckets(opts, buckets: list[Bucket], progress):
 class _ReportJob:  # what pipeline.stage_report reads
     staging: object
     report: object
+
+
+def write_bucket_run_files(root: Path, buckets: list[Bucket], manifests: list[dict]) -> dict[str, str]:
+    """requirements-runtime.txt (every variant's lines, once) and RUN.md at the top of a bucketed artifact; returns
+    their hashes for the manifest. Each variant keeps its own pair, for a device that gets one variant only."""
+    from .artifact import sha256
+    from .runfiles import REQUIREMENTS, RUN
+
+    lines: list[str] = []
+    for b in buckets:
+        for line in (root / VARIANTS / b.name / REQUIREMENTS).read_text().splitlines():
+            if line not in lines:
+                lines.append(line)
+    (root / REQUIREMENTS).write_text("\n".join(lines) + "\n")
+    shapes = "\n".join(f"- `{b.name}` ({VARIANTS}/{b.name}): " + ", ".join(f"{i['name']} {i['dtype']}[{','.join(map(str, i['shape']))}]" for i in m["inputs"])
+                       for b, m in zip(buckets, manifests))
+    (root / RUN).write_text(f"""# Running this artifact
+
+It holds {len(buckets)} shape buckets, each a complete artifact of its own:
+
+{shapes}
+
+Install what requirements-runtime.txt lists (or carry `autoglm-compile bundle-runtime` output), then
+
+    import autoglm_compile
+    model = autoglm_compile.load(".")      # picks the bucket by the inputs' shapes; loads a variant on first use
+    outputs = model({{"name": array, ...}})  # a shape outside every bucket is an error naming the buckets
+
+`autoglm-compile run . --check` runs and checks every bucket's stored inputs; each variants/<bucket>/RUN.md has the
+check for that bucket alone.
+""")
+    return {name: sha256(root / name) for name in (REQUIREMENTS, RUN)}
 
 
 def bucket_manifest(buckets: list[Bucket], manifests: list[dict], format_version: int) -> dict:

@@ -266,3 +266,13 @@ def test_bucketed_artifact_runs_with_the_runtime_only(bucketed, tmp_path):
     assert facts["shapes"] == [[n, 4] for n in BATCHES]
     assert facts["runtime_only"] is True
     assert facts["modules"] == ["autoglm_compile", "autoglm_compile.bucket_runtime", "autoglm_compile.runtime"]
+
+
+def test_top_level_says_what_to_install_and_how_to_run(bucketed):
+    out, _, _ = bucketed
+    req = (out / "requirements-runtime.txt").read_text().splitlines()
+    assert req == list(dict.fromkeys(req)) and any(line.startswith("apache-tvm==") for line in req)
+    assert set(req) == set((out / "variants" / "b0" / "requirements-runtime.txt").read_text().splitlines())
+    run = (out / "RUN.md").read_text()
+    assert f"{len(BATCHES)} shape buckets" in run
+    assert all(f"`b{k}` (variants/b{k}): x float32[{n},3,16,16]" in run for k, n in enumerate(BATCHES))
