@@ -43,7 +43,7 @@ from autoglm_compile.target import resolve_target  # noqa: E402
 H200_BANDWIDTH_GBPS = 4800.0
 
 
-def optimized(model_path: str, dims: list[str], preset: str = "O2"):
+def optimized(model_path: str, dims: list[str], preset: str = "O2", precision: str | None = None):
     """(optimized ONNX, input specs): what the pipeline's load/validate/passes stages produce."""
     from autoglm_compile.config import load_config
     from autoglm_compile.frontends import load
@@ -54,7 +54,7 @@ def optimized(model_path: str, dims: list[str], preset: str = "O2"):
     specs = resolve_inputs(loaded.model, [], dims)
     ctx = PassContext(input_shapes={s.name: list(s.shape) for s in specs}, input_dtypes={s.name: s.dtype for s in specs},
                       ir_version=loaded.model.ir_version, log=lambda _: None)
-    model, _ = run_passes(loaded.model, load_config(preset).passes, ctx)
+    model, _ = run_passes(loaded.model, load_config(preset, precision=precision).passes, ctx)
     return model, specs
 
 
@@ -68,7 +68,7 @@ def gpu_build(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, specs = optimized(args.model, args.dim, args.preset)
+    model, specs = optimized(args.model, args.dim, args.preset, args.precision)
     shapes = {s.name: list(s.shape) for s in specs}
     # Weights become graph inputs named w0, w1, ...: TVM names the kernels' parameters after them, and a folded
     # constant's name ("/m/embeddings/Gather_output_0") is no C identifier.
@@ -170,6 +170,7 @@ def main() -> None:
     g.add_argument("--target", default="nvidia-h100")
     g.add_argument("--min-elements", type=int, default=1024, help="initializers this large become parameters")
     g.add_argument("-O", dest="preset", default="O2", help="pass preset (O2, O3)")
+    g.add_argument("--precision", default=None, help="fp16: the preset plus convert-float16 (inputs and outputs stay float32)")
     g.add_argument("--tuning-db", help="schedule with this tuning database (the 'tune' strategy); default schedules otherwise")
     g.add_argument("--tune-export", help="with --tuning-db: write the tasks missing from it here, for tune_worker on the GPU")
     g.add_argument("--variant", help="a label for this build in the benchmark tables")
