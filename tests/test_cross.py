@@ -145,6 +145,8 @@ def test_aarch64_targets_never_run_on_x86():
 def test_cuda_library_holds_sass_and_ptx_for_its_sm(tmp_path, name, sm):
     out, report = build(tmp_path, name)
     lib = out / "model.so"
+    # Compiled device code only: no CUDA C source for the device to compile at load (TVM's default keeps it).
+    assert b"__global__" not in lib.read_bytes() and b"extern \"C\"" not in lib.read_bytes()
     tool = cuobjdump()
     elf_list = subprocess.run([tool, "--list-elf", str(lib)], capture_output=True, text=True, check=True).stdout
     ptx_list = subprocess.run([tool, "--list-ptx", str(lib)], capture_output=True, text=True, check=True).stdout
