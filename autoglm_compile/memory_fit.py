@@ -210,6 +210,11 @@ def _kernel_workspace(func) -> int:
     return total
 
 
+# The tensor allocations of a lowered Relax module: (index of the shape argument, the dtype follows it; whether the
+# tensor sits in a storage of the static plan).
+_ALLOC_TENSOR = {"relax.vm.alloc_tensor": (2, True), "relax.memory.alloc_tensor": (2, True), "relax.builtin.alloc_tensor": (0, False)}
+
+
 def plan_figures(lowered) -> PlanFigures:
     """The static memory plan of a lowered Relax module (before relax.build)."""
     import tvm
@@ -228,21 +233,15 @@ def plan_figures(lowered) -> PlanFigures:
                 f.storages += 1
             else:
                 f.dynamic += 1
-        elif name in ("relax.vm.alloc_tensor", "relax.memory.alloc_tensor"):
-            n = _static_bytes(expr.args[2], expr.args[3])
+        elif name in _ALLOC_TENSOR:
+            shape_at, planned = _ALLOC_TENSOR[name]
+            n = _static_bytes(expr.args[shape_at], expr.args[shape_at + 1])
             if n is None:
                 f.dynamic += 1
             else:
                 f.tensor_bytes += n
                 f.tensors += 1
-        elif name == "relax.builtin.alloc_tensor":
-            n = _static_bytes(expr.args[0], expr.args[1])
-            if n is None:
-                f.dynamic += 1
-            else:
-                f.tensor_bytes += n
-                f.tensors += 1
-                f.unplanned_bytes += n
+                f.unplanned_bytes += 0 if planned else n
 
     for gv, func in lowered.functions.items():
         if isinstance(func, relax.Function):

@@ -357,17 +357,14 @@ def stage_build(job) -> None:
 
     root = job.staging.path
     (root / "segments").mkdir(exist_ok=True)
-    planned = storages = 0
     figures = None
     for seg in job.partition.segments:
         if seg.backend == TVM:
             export(seg.build, str(root / seg.file), job.target, job.tvm_target)
-            planned += seg.build.planned_bytes
-            storages += seg.build.storages
             figures = seg.build.figures if figures is None else figures + seg.build.figures
         else:
             onnx.save(seg.model, str(root / seg.file))
-    job.build = BuildResult(executable=None, planned_bytes=planned, storages=storages, figures=figures)
+    job.build = BuildResult(executable=None, figures=figures)
 
 
 def manifest_entries(job) -> dict:

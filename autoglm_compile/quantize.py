@@ -93,51 +93,34 @@ def _quiet(captured: _Captured | None = None):
 
 # -------------------------------------------------------------------------------------------- calibration data
 
-def _read_npz(f: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(f, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise ValueError("not an .npz archive")
-            return {k: np.asarray(z[k]) for k in z.files}
-    except (ValueError, OSError) as e:
-        raise InputError(f"--calib-data: cannot read {f}: {e}", CALIB_HINT) from None
-
-
 def load_calibration(path: str | Path, specs, limit: int) -> list[dict[str, np.ndarray]]:
-    """Calibration samples from an .npz or a folder of them, checked against the inputs; at most `limit`."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix == ".npz" and f.is_file())
-        if not files:
-            raise InputError(f"--calib-data {p}: the folder holds no .npz files", CALIB_HINT)
-    elif p.is_file():
-        files = [p]
-    else:
-        raise InputError(f"--calib-data {p}: no such file or folder", CALIB_HINT)
+    """Calibration samples from an .npz or a folder of them (the --sample-inputs format; an array with one more
+    leading dim holds several samples), checked against the inputs; at most `limit`."""
+    from .samples import load_samples
+
     names = [s.name for s in specs]
     samples: list[dict[str, np.ndarray]] = []
-    for f in files:
-        arrays = _read_npz(f)
+    for fname, arrays in load_samples(path, "--calib-data", CALIB_HINT):
         missing = [n for n in names if n not in arrays]
         if missing:
-            raise InputError(f"calibration data {f.name}: missing input '{missing[0]}'", f"the model takes: {', '.join(names)}")
+            raise InputError(f"calibration data {fname}: missing input '{missing[0]}'", f"the model takes: {', '.join(names)}")
         extra = [n for n in arrays if n not in names]
         if extra:
-            raise InputError(f"calibration data {f.name}: '{extra[0]}' is not a model input", f"the model takes: {', '.join(names)}")
+            raise InputError(f"calibration data {fname}: '{extra[0]}' is not a model input", f"the model takes: {', '.join(names)}")
         count = None
         for s in specs:
             a = arrays[s.name]
             if a.dtype.name != s.dtype:
-                raise InputError(f"calibration data {f.name}: input '{s.name}' is {a.dtype.name}, the model takes {s.dtype}", f"cast it: array.astype('{s.dtype}')")
+                raise InputError(f"calibration data {fname}: input '{s.name}' is {a.dtype.name}, the model takes {s.dtype}", f"cast it: array.astype('{s.dtype}')")
             if tuple(a.shape) == tuple(s.shape):
                 n = None
             elif a.ndim == len(s.shape) + 1 and tuple(a.shape[1:]) == tuple(s.shape):
                 n = a.shape[0]
             else:
-                raise InputError(f"calibration data {f.name}: input '{s.name}' has shape {list(a.shape)}, the model takes {list(s.shape)}",
+                raise InputError(f"calibration data {fname}: input '{s.name}' has shape {list(a.shape)}, the model takes {list(s.shape)}",
                                  f"give arrays of shape {list(s.shape)}, or [N, {', '.join(str(d) for d in s.shape)}] for N samples")
             if count is not None and n != count:
-                raise InputError(f"calibration data {f.name}: the inputs hold different numbers of samples", "stack the same number of samples for every input")
+                raise InputError(f"calibration data {fname}: the inputs hold different numbers of samples", "stack the same number of samples for every input")
             count = n if count is None else count
         if count is None:
             samples.append(arrays)

@@ -23,17 +23,18 @@ from .inputs import InputSpec, graph_inputs
 _HINT = "save the arrays by input name: numpy.savez('x.npz', NAME=array, ...)"
 
 
-def load_samples(path: str | Path) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """(file name, arrays by name) for FILE.npz, or for every .npz in a folder (sorted by name)."""
+def load_samples(path: str | Path, option: str = "--sample-inputs", hint: str = _HINT) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """(file name, arrays by name) for FILE.npz, or for every .npz in a folder (sorted by name). `option` and `hint`
+    word the errors (--calib-data reads the same format)."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix == ".npz" and f.is_file())
         if not files:
-            raise InputError(f"--sample-inputs {p}: the folder holds no .npz files", _HINT)
+            raise InputError(f"{option} {p}: the folder holds no .npz files", hint)
     elif p.is_file():
         files = [p]
     else:
-        raise InputError(f"--sample-inputs {p}: no such file or folder", _HINT)
+        raise InputError(f"{option} {p}: no such file or folder", hint)
     out = []
     for f in files:
         try:
@@ -42,7 +43,7 @@ def load_samples(path: str | Path) -> list[tuple[str, dict[str, np.ndarray]]]:
                     raise ValueError("not an .npz archive")
                 out.append((f.name, {k: np.asarray(z[k]) for k in z.files}))
         except (ValueError, OSError) as e:
-            raise InputError(f"--sample-inputs: cannot read {f}: {e}", _HINT) from None
+            raise InputError(f"{option}: cannot read {f}: {e}", hint) from None
     return out
 
 

@@ -219,13 +219,22 @@ def measure_defaults(mods, indices, target, builder, runner, database, state: _S
 GPU_DEFAULTS = "defaults_gpu.json"  # in work_dir: {task: µs of the default GPU schedule (DLight)}
 
 
+def gpu_legalize_passes(target) -> tuple[list, list]:
+    """TVM's CUDA legalize_passes split into (the passes before DLight, DLight's ApplyDefaultSchedule): tuning
+    extracts its tasks before the default schedules, which then cover only what the database lacks."""
+    from tvm.relax.backend.cuda import pipeline
+
+    passes = pipeline.legalize_passes(target)
+    return [p for p in passes if p.info.name != "ApplyDefaultSchedule"], [p for p in passes if p.info.name == "ApplyDefaultSchedule"]
+
+
 def measure_gpu_defaults(mods, names, target, builder, runner, work_dir: str) -> None:
     """Time each task with DLight's schedule, which an untuned GPU build uses, into work_dir/defaults_gpu.json.
 
     A GPU kernel's unscheduled TIR binds no threads and cannot run, so the CPU way (a default record in the database)
     does not apply; DLight's schedule has no MetaSchedule trace to record either. The merge (tuning.merge_export)
     keeps a tuned record only where it beats this time, so that tuning never makes a GPU build slower."""
-    from tvm.s_tir import dlight as dl
+    import tvm
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
@@ -239,7 +248,7 @@ def measure_gpu_defaults(mods, names, target, builder, runner, work_dir: str) ->
     todo = [(m, n) for m, n in zip(mods, names) if n not in times]
     if not todo:
         return
-    schedule = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    schedule = tvm.transform.Sequential(gpu_legalize_passes(target)[1])
     scheduled, ok = [], []
     for mod, name in todo:
         try:

@@ -380,20 +380,16 @@ def check_tunable(desc, tune) -> None:
 def _phases(target):
     """(passes before task extraction, passes after the database is applied) of the target's default Relax pipeline,
     with the default schedules (DLight on GPUs) moved after the database so that they only cover untuned tasks."""
-    import tvm
-    from tvm import relax
-
     if target.kind.name == "llvm":
         from tvm.relax.backend.cpu_generic import pipeline as p
 
         return p.library_dispatch_passes(target) + p.legalize_passes(target), p.dataflow_lower_passes(target) + p.finalize_passes(target)
     from tvm.relax.backend.cuda import pipeline as p
-    from tvm.s_tir import dlight as dl
 
-    legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-                relax.transform.FuseOps(), relax.transform.FuseTIR()]  # the CUDA pipeline's legalize_passes, minus DLight
-    default_schedules = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-    return p.library_dispatch_passes(target) + legalize, [default_schedules] + p.dataflow_lower_passes(target) + p.finalize_passes(target)
+    from .tune_worker import gpu_legalize_passes
+
+    legalize, default_schedules = gpu_legalize_passes(target)
+    return p.library_dispatch_passes(target) + legalize, default_schedules + p.dataflow_lower_passes(target) + p.finalize_passes(target)
 
 
 def export_tasks(folder: Path, tasks, target, tune, trials: int, spent: dict[str, int]) -> Path:

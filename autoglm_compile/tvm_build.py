@@ -111,9 +111,16 @@ def make_target(desc: TargetDescriptor):
 @dataclass
 class BuildResult:
     executable: object
-    planned_bytes: int  # sum of the storages of TVM's static memory plan (intermediates that are reused)
-    storages: int
     figures: object = None  # memory_fit.PlanFigures: the plan's tensors, storages and kernel workspace
+
+    @property
+    def planned_bytes(self) -> int:
+        """Sum of the storages of TVM's static memory plan (intermediates that are reused)."""
+        return self.figures.storage_bytes if self.figures is not None else 0
+
+    @property
+    def storages(self) -> int:
+        return self.figures.storages if self.figures is not None else 0
 
 
 def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext | None = None):
@@ -127,15 +134,6 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
     return _STRATEGIES[strategy](mod, target), target
 
 
-def memory_plan(lowered) -> tuple[int, int]:
-    """(bytes, count) of the storages allocated by the lowered module's static memory plan (memory_fit.plan_figures
-    has the rest: the tensors placed in them and the kernels' workspace)."""
-    from .memory_fit import plan_figures
-
-    f = plan_figures(lowered)
-    return f.storage_bytes, f.storages
-
-
 def build(lowered, target) -> BuildResult:
     from tvm import relax
 
@@ -144,7 +142,7 @@ def build(lowered, target) -> BuildResult:
     figures = plan_figures(lowered)
     with workspace_probe(figures):  # the kernels' scratch space, read after TVM's StorageRewrite pass
         ex = relax.build(lowered, target, relax_pipeline=None)
-    return BuildResult(ex, figures.storage_bytes, figures.storages, figures)
+    return BuildResult(ex, figures)
 
 
 def export(result: BuildResult, path: str, desc: TargetDescriptor, target) -> None:

@@ -27,8 +27,9 @@ def _export(module, args, names, outputs, path: Path, dynamic: dict | None = Non
     return path
 
 
-def resnet50(path: Path) -> Path:
-    """transformers ResNetConfig() (ResNet-50), batch dim dynamic."""
+def resnet50_module():
+    """(module, example inputs) of transformers ResNetConfig() (ResNet-50), seeded: what resnet50() exports, and what
+    the benchmarks run under PyTorch."""
     import torch
     from transformers import ResNetConfig, ResNetModel
 
@@ -43,8 +44,13 @@ def resnet50(path: Path) -> Path:
         def forward(self, pixel_values):
             return self.m(pixel_values=pixel_values).pooler_output
 
-    x = torch.randn(1, 3, 224, 224)
-    return _export(Wrap(), (x,), ["pixel_values"], ["pooled"], path, {"pixel_values": {0: "batch"}})
+    return Wrap().eval(), (torch.randn(1, 3, 224, 224),)
+
+
+def resnet50(path: Path) -> Path:
+    """transformers ResNetConfig() (ResNet-50), batch dim dynamic."""
+    module, args = resnet50_module()
+    return _export(module, args, ["pixel_values"], ["pooled"], path, {"pixel_values": {0: "batch"}})
 
 
 def mobilenet_v2(path: Path) -> Path:
@@ -67,8 +73,9 @@ def mobilenet_v2(path: Path) -> Path:
     return _export(Wrap(), (x,), ["pixel_values"], ["pooled"], path, {"pixel_values": {0: "batch"}})
 
 
-def bert(path: Path, seq: int = 128, **config) -> Path:
-    """transformers BertConfig() (BERT-base unless overridden), batch and sequence dims dynamic."""
+def bert_module(seq: int = 128, **config):
+    """(module, example inputs) of transformers BertConfig() (BERT-base unless overridden), seeded: what bert()
+    exports, and what the benchmarks run under PyTorch."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -85,9 +92,14 @@ def bert(path: Path, seq: int = 128, **config) -> Path:
             return out.last_hidden_state, out.pooler_output
 
     ids = torch.randint(0, min(1000, model.config.vocab_size), (1, seq))
+    return Wrap().eval(), (ids, torch.ones(1, seq, dtype=torch.long), torch.zeros(1, seq, dtype=torch.long))
+
+
+def bert(path: Path, seq: int = 128, **config) -> Path:
+    """transformers BertConfig() (BERT-base unless overridden), batch and sequence dims dynamic."""
+    module, args = bert_module(seq, **config)
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    args = (ids, torch.ones(1, seq, dtype=torch.long), torch.zeros(1, seq, dtype=torch.long))
-    return _export(Wrap(), args, names, ["last_hidden_state", "pooler_output"], path, {n: {0: "batch", 1: "sequence"} for n in names})
+    return _export(module, args, names, ["last_hidden_state", "pooler_output"], path, {n: {0: "batch", 1: "sequence"} for n in names})
 
 
 def bert_tiny(path: Path) -> Path:

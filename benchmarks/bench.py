@@ -58,21 +58,11 @@ def peak_rss_mib() -> float:
 # ------------------------------------------------------------------------------------------- contenders (host)
 
 def torch_model(name: str):
-    """(module, example args as a tuple) of the same model and seed as autoglm_compile.zoo."""
-    import torch
+    """(module, example inputs): the model and seed autoglm_compile.zoo exports to the ONNX file the others run."""
+    sys.path.insert(0, str(ROOT))  # the GPU machine has the repository, not the package installed
+    from autoglm_compile import zoo
 
-    if name == "resnet50":
-        from transformers import ResNetConfig, ResNetModel
-
-        torch.manual_seed(0)
-        m = ResNetModel(ResNetConfig()).eval()
-        return (lambda x: m(pixel_values=x).pooler_output), m, (torch.randn(1, 3, 224, 224),)
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    m = BertModel(BertConfig(attn_implementation="eager")).eval()
-    ids = torch.randint(0, 1000, (1, 128))
-    return (lambda i, a, t: m(input_ids=i, attention_mask=a, token_type_ids=t).last_hidden_state), m, (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    return zoo.resnet50_module() if name == "resnet50" else zoo.bert_module()
 
 
 def contender(kind: str, model: str, path: str, threads: int, runs: int, max_seconds: float) -> dict:
@@ -92,7 +82,7 @@ def contender(kind: str, model: str, path: str, threads: int, runs: int, max_sec
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = threads
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        _, _, args = torch_model(model)
+        _, args = torch_model(model)
         feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
         out.update(timed(lambda: sess.run(None, feeds), 3, runs, max_seconds))
         out["version"] = ort.__version__
@@ -100,7 +90,7 @@ def contender(kind: str, model: str, path: str, threads: int, runs: int, max_sec
         import torch
 
         torch.set_num_threads(threads)
-        fwd, _, args = torch_model(model)
+        fwd, args = torch_model(model)
         if kind == "torch.compile":
             fwd = torch.compile(fwd)
             t0 = time.perf_counter()
@@ -212,8 +202,8 @@ def gpu(args) -> None:
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            fwd, m, targs = torch_model(model)
-            m.to("cuda", dtype)
+            fwd, targs = torch_model(model)
+            fwd.to("cuda", dtype)
             targs = tuple(a.cuda().to(dtype) if a.is_floating_point() else a.cuda() for a in targs)
             entry = {"kind": label}
             if mode:

@@ -19,6 +19,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,26 +86,14 @@ def run_ort(build: Path, inputs: dict, weights: dict) -> list[np.ndarray]:
     return sess.run(None, {**inputs, **weights})
 
 
-def torch_model(name: str):
-    import torch
-    from transformers import BertConfig, BertModel, ResNetConfig, ResNetModel
-
-    torch.manual_seed(0)
-    if "resnet" in name:
-        m = ResNetModel(ResNetConfig())
-        x = (torch.randn(1, 3, 224, 224),)
-        return m, x, lambda m, x: m(pixel_values=x[0]).pooler_output
-    m = BertModel(BertConfig(attn_implementation="eager"))
-    ids = torch.randint(0, 1000, (1, 128))
-    x = (ids, torch.ones_like(ids), torch.zeros_like(ids))
-    return m, x, lambda m, x: m(input_ids=x[0], attention_mask=x[1], token_type_ids=x[2]).last_hidden_state
-
-
 def run_torch(name: str) -> dict:
     import torch
 
-    m, x, fwd = torch_model(name)
-    m = m.eval().cuda()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository (the GPU machine has no install)
+    from autoglm_compile import zoo  # the model and seed of the ONNX file the builds came from
+
+    m, x = zoo.resnet50_module() if "resnet" in name else zoo.bert_module()
+    m = m.cuda()
     x = tuple(t.cuda() for t in x)
     res = {}
     for label, tf32 in (("fp32 strict (TF32 off)", False), ("fp32 default (cuDNN TF32 on for convs)", True)):
@@ -112,7 +101,7 @@ def run_torch(name: str) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
         with torch.no_grad():
             def call():
-                fwd(m, x)
+                m(*x)
                 torch.cuda.synchronize()
 
             res[label] = timed(call, 10, 500, 5.0)
