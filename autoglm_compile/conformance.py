@@ -208,7 +208,7 @@ def run_case(case) -> Outcome:
     try:
         vm = tvm.runtime.vm.VirtualMachine(built.executable, tvm.cpu())
         for feeds, expected in feeds_list:
-            args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s.name])) for s in specs]
+            args = [tvm.runtime.tensor(np.require(feeds[s.name], requirements="C")) for s in specs]
             outputs = _flatten(vm["main"](*args))
             mismatch = _allclose(outputs, expected, case.rtol, case.atol)
             if mismatch:
@@ -245,7 +245,7 @@ def fallback_result(optimized, feeds_list, case) -> str:
             env = dict(feeds)
             for seg in p.segments:
                 if seg.index in fns:
-                    outs = _flatten(fns[seg.index](*[tvm.runtime.tensor(np.ascontiguousarray(env[t])) for t in seg.inputs]))
+                    outs = _flatten(fns[seg.index](*[tvm.runtime.tensor(np.require(env[t], requirements="C")) for t in seg.inputs]))
                 else:
                     outs = run_ort(seg.model, {t: env[t] for t in seg.inputs})
                 env.update(zip(seg.outputs, outs))

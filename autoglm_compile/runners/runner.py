@@ -143,7 +143,7 @@ class Runner:
             a = np.asarray(feeds[spec["name"]])
             if list(a.shape) != list(spec["shape"]) or a.dtype.name != spec["dtype"]:
                 raise RunnerError(f"input '{spec['name']}' is {a.dtype.name}{list(a.shape)}, the artifact takes {spec['dtype']}{spec['shape']}", "reshape or cast the input")
-            arrays.append(np.ascontiguousarray(a))
+            arrays.append(np.require(a, requirements="C"))  # ascontiguousarray makes a 0-d input 1-d
         return arrays
 
     def __call__(self, feeds: dict | None = None, **kwargs) -> list[np.ndarray]:
