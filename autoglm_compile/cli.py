@@ -9,6 +9,7 @@ Exit codes: 0 ok, 1 internal error (traceback), 2 usage or input error, 3 accura
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -153,6 +154,7 @@ def run_cmd(
     save: Optional[Path] = typer.Option(None, "--save", help="write the outputs to this .npz"),
     check: bool = typer.Option(False, "--check", help="compare with the ONNX Runtime outputs stored in the artifact (exit 3 on mismatch)"),
     as_json: bool = typer.Option(False, "--json", help="print the output summary as JSON"),
+    profile: Optional[int] = typer.Option(None, "--profile", min=1, help="N: time every kernel over N runs of the (first) inputs and print where the time goes (TVM artifacts of one shape)"),
 ) -> None:
     """Run an artifact on this machine. Without --input it runs the artifact's stored verification inputs (those of
     every bucket, for an artifact with shape buckets)."""
@@ -179,6 +181,7 @@ def run_cmd(
         raise fail(CompileError(str(e), e.hint))
     from .pipeline import summarize
 
+    kernels = _profile(model, cases[0][1], profile) if profile else None
     names = [o["name"] for o in model.outputs]
     summaries = [(label, [summarize(n, a) for n, a in zip(names, outputs)]) for label, outputs, _ in results]
     if save:
@@ -189,11 +192,15 @@ def run_cmd(
             doc["outputs"] = summaries[0][1]
         else:
             doc["buckets"] = [{"bucket": label, "outputs": summary} for label, summary in summaries]
+        if kernels is not None:
+            doc["profile"] = {"runs": profile, "kernels": [dataclasses.asdict(k) for k in kernels]}
         typer.echo(json.dumps(doc, indent=2))
     else:
         for label, summary in summaries:
             for s in summary:
                 typer.echo(f"{label + ': ' if label else ''}{s['name']}: {s['dtype']}{s['shape']} mean={s['mean']:.6g} std={s['std']:.6g} abs_sum={s['abs_sum']:.6g}")
+        if kernels is not None:
+            _print_profile(kernels, profile)
     if check:
         from .measure import compare
 
@@ -212,6 +219,28 @@ def run_cmd(
             failed = failed or not result.ok
         if failed:
             raise typer.Exit(int(ExitCode.ACCURACY))
+
+
+PROFILE_ROWS = 15
+
+
+def _profile(model, feeds: dict, runs: int) -> list:
+    from .runtime import ArtifactError, CompiledModel
+
+    if not isinstance(model, CompiledModel):
+        raise fail(CompileError(f"--profile times the kernels of a TVM artifact of one shape; this one is {type(model).__name__}",
+                                "profile one variant of a bucketed artifact (its variants/<bucket> folder); artifacts with ONNX Runtime segments or for NPU targets cannot be profiled"))
+    try:
+        return model.profile(feeds, runs)
+    except ArtifactError as e:
+        raise fail(CompileError(str(e), e.hint))
+
+
+def _print_profile(kernels: list, runs: int) -> None:
+    total = sum(k.ms for k in kernels)
+    typer.echo(f"profile: {total:.3f} ms per run in {sum(k.calls for k in kernels)} calls, mean of {runs} runs; the {min(PROFILE_ROWS, len(kernels))} slowest:")
+    for k in kernels[:PROFILE_ROWS]:
+        typer.echo(f"  {k.ms:10.3f} ms {k.ms / total * 100 if total else 0:5.1f} % {k.calls:5d}x  {k.name}")
 
 
 def _read_input(item: str) -> dict:

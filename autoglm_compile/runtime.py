@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,13 @@ def check_feeds(inputs: list[dict], feeds: dict) -> dict[str, np.ndarray]:
     return out
 
 
+@dataclass(frozen=True)
+class KernelTime:
+    name: str  # the function the VM called: a fused kernel (e.g. fused_conv2d3_add1_relu1) or a vm.builtin
+    calls: int  # calls per run
+    ms: float  # milliseconds per run, all calls together
+
+
 class CompiledModel:
     """A loaded artifact: call it with a dict of arrays (or keyword arrays); it returns a list of numpy arrays."""
 
@@ -109,6 +117,38 @@ class CompiledModel:
 
     def __call__(self, feeds: dict[str, np.ndarray] | None = None, **kwargs: np.ndarray) -> list[np.ndarray]:
         return _flatten(self.run_prepared(self.prepare({**(feeds or {}), **kwargs})))
+
+    def profile(self, feeds: dict[str, np.ndarray], runs: int = 10, warmup: int = 2) -> list[KernelTime]:
+        """Where the time goes: every function the VM calls (the compiled kernels and its builtins), timed on the
+        host around each call over `runs` runs after `warmup`, slowest first. On a GPU each call is followed by a
+        synchronization, so the times are the kernels' own, without the overlap of asynchronous launches."""
+        import time
+
+        args = self.prepare(feeds)
+        for _ in range(warmup):
+            self.run_prepared(args)
+        totals: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        started = [0.0]
+        sync = self.device.sync
+
+        def instrument(func, name, before_run, ret_value, *_args):
+            if before_run:
+                started[0] = time.perf_counter()
+            else:
+                sync()
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - started[0]
+                calls[name] = calls.get(name, 0) + 1
+            return 0  # VMInstrumentReturnKind.NO_OP: run the call
+
+        self._vm.set_instrument(instrument)
+        try:
+            for _ in range(runs):
+                self.run_prepared(args)
+        finally:
+            self._vm.set_instrument(None)
+        rows = [KernelTime(n, calls[n] // runs, t / runs * 1e3) for n, t in totals.items()]
+        return sorted(rows, key=lambda r: -r.ms)
 
 
 class VendorModel:

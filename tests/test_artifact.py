@@ -253,3 +253,19 @@ def test_archive(tmp_path, conv_onnx):
     assert {f"conv/{f}" for f in ARTIFACT_FILES} <= names and "conv/report.json" in names
     assert packed == manifest(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "conv.onnx", "conv.tar.gz"]  # no temporary left
+
+
+def test_run_profile_times_every_kernel(built_artifact):
+    out, _, model_path = built_artifact
+    plain = invoke("run", out, "--json")
+    result = invoke("run", out, "--json", "--profile", "3")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["outputs"] == json.loads(plain.stdout)["outputs"]  # profiling does not change the results
+    kernels = printed["profile"]["kernels"]
+    assert printed["profile"]["runs"] == 3
+    assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True) and all(k["ms"] >= 0 for k in kernels)
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(model_path)).graph.node)
+    assert sum(k["calls"] for k in kernels if k["name"].startswith("fused_conv2d")) == convs > 0  # TVM never fuses two convs
+    text = invoke("run", out, "--profile", "2")
+    assert text.exit_code == 0 and "profile: " in text.stdout and "fused_conv2d" in text.stdout

@@ -276,3 +276,12 @@ def test_top_level_says_what_to_install_and_how_to_run(bucketed):
     run = (out / "RUN.md").read_text()
     assert f"{len(BATCHES)} shape buckets" in run
     assert all(f"`b{k}` (variants/b{k}): x float32[{n},3,16,16]" in run for k, n in enumerate(BATCHES))
+
+
+def test_run_profile_of_a_bucketed_artifact_exits_2(bucketed):
+    out, _, _ = bucketed
+    result = invoke("run", out, "--profile", "2")
+    assert result.exit_code == 2, result.output
+    assert "--profile times the kernels of a TVM artifact of one shape" in result.stderr and "variants/<bucket>" in result.stderr
+    profiled = invoke("run", out / "variants" / "b0", "--profile", "2")  # one variant is an artifact of its own
+    assert profiled.exit_code == 0, profiled.output
