@@ -79,7 +79,7 @@ def compile_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random verification inputs"),
     runs: Optional[int] = typer.Option(None, "--runs", min=1, help="timed runs"),
     verify_each_pass: bool = typer.Option(False, "--verify-each-pass", help="check outputs under ONNX Runtime after every pass"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 (adds convert-float16), int8 (calibrated QDQ; needs --calib-data or --calib-synthetic) or mixed (int8 where the accuracy budget allows)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 (CUDA targets: TVM's ToMixedPrecision, float32 accumulation; others: adds convert-float16), int8 (calibrated QDQ; needs --calib-data or --calib-synthetic) or mixed (int8 where the accuracy budget allows)"),
     calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="int8/mixed calibration data: FILE.npz (arrays by input name; a leading extra dim holds several samples) or a folder of .npz files"),
     calib_method: Optional[str] = typer.Option(None, "--calib-method", help="minmax, entropy or percentile (ONNX Runtime's calibrators) [default: minmax]"),
     calib_synthetic: bool = typer.Option(False, "--calib-synthetic", help="calibrate on random inputs; the report marks the result 'not representative'"),
@@ -95,6 +95,7 @@ def compile_cmd(
     tune_time: Optional[str] = typer.Option(None, "--tune-time", help="tuning time budget: seconds or 90s, 10m, 1h30m (implies --tune) [default: 10m]"),
     tuning_db: Optional[Path] = typer.Option(None, "--tuning-db", help="tuning database folder, e.g. one shared in CI (implies --tune) [default: ~/.cache/autoglm-compile/tuning]"),
     tune_strict: bool = typer.Option(False, "--tune-strict", help="fail (exit 2) on a task missing from the tuning database instead of tuning it (implies --tune)"),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="CUDA targets: run the kernels as CUDA graphs (Relax's RewriteCUDAGraph) [default: on]"),
     tune_export: Optional[Path] = typer.Option(None, "--tune-export", help="DIR: write the tasks missing from the tuning database there, to tune on the target machine (python -m autoglm_compile.tune_worker DIR/spec.json), then 'tune-merge DIR'; this build uses default schedules for them (implies --tune)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no table"),
@@ -110,6 +111,7 @@ def compile_cmd(
         calib_synthetic=calib_synthetic, accuracy_budget=accuracy_budget, max_latency_ms=max_latency_ms, max_error=max_error, max_memory_mb=max_memory_mb,
         fallback="none" if no_fallback else fallback, backend=backend,
         tune=tune, tune_trials=tune_trials, tune_time=tune_time, tuning_db=tuning_db, tune_strict=tune_strict, tune_export=tune_export,
+        cuda_graph=cuda_graph,
     )
     try:
         if no_fallback and fallback not in (None, "none"):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import InputError
 
@@ -52,6 +52,7 @@ class ScheduleConfig(_Strict):
     """How TIR gets its schedules. 'default' is the target's default lowering (DLight on GPUs)."""
 
     strategy: str = "default"
+    cuda_graph: bool | None = Field(None, description="CUDA targets: run the static kernel sequences as CUDA graphs (Relax's RewriteCUDAGraph); None: on for CUDA targets; ignored elsewhere")
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)?")
@@ -114,8 +115,9 @@ class CalibrationConfig(_Strict):
 
 
 class PrecisionConfig(_Strict):
-    """The precision the build computes in. fp16 adds convert-float16 to the passes; int8 and mixed quantize the graph
-    at the end of the graph stage (QDQ, per-channel weights) and keep in float the nodes the accuracy budget needs."""
+    """The precision the build computes in. fp16 adds convert-float16 to the passes, or (fp16: relax) leaves the graph
+    in float32 for TVM's ToMixedPrecision; int8 and mixed quantize the graph at the end of the graph stage (QDQ,
+    per-channel weights) and keep in float the nodes the accuracy budget needs."""
 
     mode: Literal["fp32", "fp16", "int8", "mixed"] | None = Field(None, description="None: what the passes compute in (convert-float16: fp16, else fp32)")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
@@ -124,6 +126,7 @@ class PrecisionConfig(_Strict):
     per_channel: bool = Field(True, description="per-channel weights (opset 13 or later; the graph is upgraded where needed)")
     max_rounds: int = Field(8, ge=0, description="protection rounds; round k keeps the 2^(k-1) worst activation tensors in float")
     scan: int = Field(128, ge=0, description="activation tensors whose contribution to the output error is measured one by one; with more candidates, those with the lowest quantization SQNR")
+    fp16: Literal["graph", "relax"] | None = Field(None, description="how fp16 is made: graph (the convert-float16 pass; float16 accumulation in TVM's kernels) or relax (TVM's ToMixedPrecision: float16 operands, float32 accumulation in conv/matmul; TVM targets); None: relax on CUDA targets, graph elsewhere")
 
     @field_validator("budget")
     @classmethod
@@ -147,6 +150,12 @@ class PipelineConfig(_Strict):
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     # The YAML key is `precision:`; the name `precision` is the property below (the precision the build computes in).
     precision_config: PrecisionConfig = Field(default_factory=PrecisionConfig, alias="precision")
+    _skipped: list[str] = PrivateAttr(default_factory=list)  # preset passes adapt_to_target left out
+
+    @property
+    def skipped(self) -> list[str]:
+        """Preset passes left out for the target (adapt_to_target)."""
+        return self._skipped
 
     @property
     def precision(self) -> str:
@@ -154,7 +163,14 @@ class PipelineConfig(_Strict):
         when none does)."""
         if self.precision_config.mode in ("int8", "mixed"):
             return self.precision_config.mode
+        if self.relax_fp16:
+            return "fp16"
         return self._pass_precision()
+
+    @property
+    def relax_fp16(self) -> bool:
+        """fp16 made by ToMixedPrecision at the Relax level (precision.fp16 relax), not by a graph pass."""
+        return self.precision_config.mode == "fp16" and self.precision_config.fp16 == "relax"
 
     def _pass_precision(self) -> str:
         found = [PRECISION_PASSES[p.name] for p in self.passes if p.name in PRECISION_PASSES]
@@ -175,7 +191,9 @@ class PipelineConfig(_Strict):
         pc, by_passes = self.precision_config, self._pass_precision()
         if pc.mode is None:
             pc.mode = by_passes
-        elif pc.mode in ("fp32", "fp16") and pc.mode != by_passes:
+        elif pc.mode == "fp16" and pc.fp16 == "relax" and by_passes != "fp32":
+            raise ValueError("precision.fp16 relax makes fp16 in TVM, but the passes convert the graph already (convert-float16): drop one")
+        elif pc.mode in ("fp32", "fp16") and pc.mode != by_passes and not self.relax_fp16:
             raise ValueError(f"precision.mode is {pc.mode}, but the passes compute in {by_passes} (convert-float16 makes fp16)")
         elif pc.mode in ("int8", "mixed") and by_passes == "fp16":
             raise ValueError(f"precision.mode {pc.mode} on a float16 graph (convert-float16) is not built: drop the pass")
@@ -203,6 +221,19 @@ class PipelineConfig(_Strict):
                 item = {"name": name, "options": opts or {}}
             out.append(item)
         return out
+
+
+# Passes a preset leaves out on a target kind, and why (measured: docs/benchmarks.md, GPU section).
+PRESET_SKIPS = {"cuda": {"fuse-attention": "TVM lowers the fused com.microsoft Attention to slow GPU kernels"}}
+
+
+def adapt_to_target(cfg: PipelineConfig, kind: str) -> list[str]:
+    """Drop from a preset's passes those PRESET_SKIPS lists for the target kind; returns their names."""
+    skip = PRESET_SKIPS.get(kind, {})
+    dropped = [p.name for p in cfg.passes if p.name in skip]
+    cfg.passes = [p for p in cfg.passes if p.name not in skip]
+    cfg._skipped = dropped
+    return dropped
 
 
 def apply_tune_flags(cfg: PipelineConfig, trials: int | None = None, time: str | float | None = None,
@@ -289,10 +320,12 @@ def _pass_names(items: list) -> list[str]:
     return names
 
 
-def load_config(preset: str = DEFAULT_PRESET, path: str | Path | None = None, precision: str | None = None) -> PipelineConfig:
+def load_config(preset: str = DEFAULT_PRESET, path: str | Path | None = None, precision: str | None = None, relax_fp16: bool = False) -> PipelineConfig:
     """The preset, or a user file (which may `extends: O2` and override parts of it). precision (--precision, else
-    the config's precision.mode): fp16 appends convert-float16 to the passes unless they convert already; int8 and
-    mixed set precision.mode (the graph stage then quantizes); the tolerances follow (TOLERANCES)."""
+    the config's precision.mode): fp16 appends convert-float16 to the passes unless they convert already, or, with
+    precision.fp16 relax (the default when relax_fp16 is true: CUDA targets), leaves the graph in float32 for TVM's
+    ToMixedPrecision; int8 and mixed set precision.mode (the graph stage then quantizes); the tolerances follow
+    (TOLERANCES)."""
     if path is None:
         where, data = f"configs/{preset}.yaml", _preset_data(preset)
     else:
@@ -308,7 +341,11 @@ def load_config(preset: str = DEFAULT_PRESET, path: str | Path | None = None, pr
     section = data.get("precision") if isinstance(data.get("precision"), dict) else {}
     mode = precision or section.get("mode")
     converts = [n for n in _pass_names(data.get("passes")) if n in PRECISION_PASSES]
-    if mode == "fp16":
+    method = section.get("fp16") or ("relax" if relax_fp16 and not converts else None)
+    if mode == "fp16" and method == "relax":
+        section = {**section, "mode": "fp16", "fp16": "relax"}
+        data = {**data, "precision": section}
+    elif mode == "fp16":
         wanted = {v: k for k, v in PRECISION_PASSES.items()}
         if wanted[mode] not in converts:
             data = {**data, "passes": [*(data.get("passes") or []), wanted[mode]]}

@@ -52,7 +52,8 @@ class CompileOptions:
     seed: int | None = None
     runs: int | None = None
     verify_each_pass: bool = False
-    precision: str | None = None  # fp16 adds convert-float16 to the passes; None: what the config says
+    precision: str | None = None  # fp16: convert-float16, or ToMixedPrecision on CUDA targets; None: what the config says
+    cuda_graph: bool | None = None  # --cuda-graph / --no-cuda-graph (CUDA targets); None: the config's, else on
     max_latency_ms: float | None = None
     max_error: float | None = None
     max_memory_mb: float | None = None  # budget on the memory the model needs (memory_fit; MB = 10^6 bytes; exit 4)
@@ -234,7 +235,7 @@ def stage_schedule(job: Job) -> None:
         from .partition import stage_schedule as schedule_segments
 
         return schedule_segments(job)
-    ctx = ScheduleContext(desc=job.target, tune=job.config.tune, progress=job.progress)
+    ctx = ScheduleContext(desc=job.target, tune=job.config.tune, progress=job.progress, fp16=job.config.relax_fp16, cuda_graph=bool(job.config.schedule.cuda_graph))
     try:
         job.lowered, job.tvm_target = lower(job.relax_mod, job.target, job.config.schedule.strategy, ctx)
     except Exception as e:  # --fallback onnxruntime: isolate the nodes TVM cannot lower (partition.recover)
@@ -442,9 +443,18 @@ def resolve_config(opts: CompileOptions, target: TargetDescriptor | None = None)
     precision = opts.precision if target is None else vendor.default_precision(target, opts.precision)
     if opts.precision is None and precision is not None and load_config(opts.preset, opts.config_path).precision in ("int8", "mixed"):
         precision = None  # the config's precision.mode int8/mixed wins over an NPU's fp16 preference
-    cfg = load_config(opts.preset, opts.config_path, precision)
+    cuda = target is not None and target.kind == "cuda" and target.backend == "tvm"
+    cfg = load_config(opts.preset, opts.config_path, precision, relax_fp16=cuda)
     if target is not None and target.backend == "vendor-onnx":
         cfg = vendor.adapt_config(cfg, target)
+    if target is not None and opts.config_path is None:
+        from .config import adapt_to_target
+
+        adapt_to_target(cfg, target.kind)  # O3 on CUDA: no fuse-attention (the report says so)
+    if opts.cuda_graph is not None:
+        cfg.schedule.cuda_graph = opts.cuda_graph
+    if cfg.schedule.cuda_graph is None and target is not None:
+        cfg.schedule.cuda_graph = cuda
     if opts.verify_each_pass:
         cfg.verify.each_pass = True
     if opts.seed is not None:
@@ -496,6 +506,9 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Rep
         tool_version=__version__, model=opts.source, frontend="?", target=target.name, target_kind=target.kind,
         config=config.name, precision=config.precision, inputs=[], outputs=[],
     )
+    from .config import PRESET_SKIPS
+
+    job.report.warnings += [f"pass '{n}' of {config.name} left out on {target.kind} targets: {PRESET_SKIPS[target.kind][n]}" for n in config.skipped]
     try:
         for name, fn in VENDOR_STAGES if target.backend == "vendor-onnx" else STAGES:
             t0 = time.perf_counter()

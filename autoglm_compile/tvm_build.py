@@ -66,6 +66,8 @@ class ScheduleContext:
     progress: object = None  # pipeline.Progress (stage/note/update)
     tuning: object = None  # report.TuningReport, set by the tune strategy
     warnings: list[str] = field(default_factory=list)
+    fp16: bool = False  # ToMixedPrecision before scheduling (mixed_precision below)
+    cuda_graph: bool = False  # CUDA targets: Relax's RewriteCUDAGraph captures the static kernel sequences
 
 
 def register_strategy(name: str, *, takes_context: bool = False):
@@ -84,11 +86,21 @@ def strategies() -> list[str]:
 
 @register_strategy("default")
 def _default_strategy(mod, target):
-    """The target's default Relax pipeline: fusion + legalization (+ DLight schedules on GPUs)."""
+    """The target's default Relax pipeline: fusion + legalization (+ DLight schedules on GPUs, with float16 tensor
+    cores for small GEMMs too: autoglm_compile.gpu_schedules)."""
+    import tvm
     from tvm import relax
 
     with target:
-        return relax.get_default_pipeline(target)(mod)
+        if target.kind.name != "cuda":
+            return relax.get_default_pipeline(target)(mod)
+        from tvm.relax.backend.cuda import pipeline as p
+
+        from .tune_worker import gpu_legalize_passes
+
+        legalize, schedules = gpu_legalize_passes(target)
+        passes = p.library_dispatch_passes(target) + legalize + schedules + p.dataflow_lower_passes(target) + p.finalize_passes(target)
+        return tvm.transform.Sequential(passes)(mod)
 
 
 @register_strategy("tune", takes_context=True)
@@ -123,15 +135,39 @@ class BuildResult:
         return self.figures.storages if self.figures is not None else 0
 
 
+def mixed_precision(mod, fp16_params: list[str] | None = None):
+    """fp16 compute with float32 accumulation (TVM's ToMixedPrecision): conv2d and matmul take float16 operands with
+    out_dtype float32, elementwise ops follow their inputs, softmax-like ops stay float32; the function's inputs and
+    outputs keep their dtypes (constant weights are cast once, by FoldConstant). fp16_params: parameters (weights
+    passed as inputs) that become float16."""
+    from tvm import relax
+
+    return relax.transform.ToMixedPrecision("float32", fp16_params)(mod)
+
+
 def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext | None = None):
+    """The lowered module and the TVM target. context.fp16 applies mixed_precision first; context.cuda_graph sets
+    relax.backend.use_cuda_graph for the target's pipeline (its RewriteCUDAGraph pass; no effect on CPU targets)."""
+    import tvm
+
     from .errors import InputError
 
     if strategy not in _STRATEGIES:
         raise InputError(f"unknown schedule strategy '{strategy}'", f"valid strategies: {', '.join(strategies())}")
+    context = context or ScheduleContext(desc=desc)
     target = make_target(desc)
-    if strategy in _WITH_CONTEXT:
-        return _STRATEGIES[strategy](mod, target, context or ScheduleContext(desc=desc)), target
-    return _STRATEGIES[strategy](mod, target), target
+    if context.fp16:
+        mod = mixed_precision(mod)
+    if target.kind.name == "cuda":
+        from .tune_worker import import_tensor_intrinsics
+
+        import_tensor_intrinsics()  # DLight's tensor-core rule imports them: seconds instead of half a minute
+    cur = tvm.transform.PassContext.current()  # its settings are kept
+    with tvm.transform.PassContext(opt_level=cur.opt_level, required_pass=list(cur.required_pass), disabled_pass=list(cur.disabled_pass),
+                                   instruments=list(cur.instruments), config={**cur.config, "relax.backend.use_cuda_graph": context.cuda_graph}):
+        if strategy in _WITH_CONTEXT:
+            return _STRATEGIES[strategy](mod, target, context), target
+        return _STRATEGIES[strategy](mod, target), target
 
 
 def build(lowered, target) -> BuildResult:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py host [--models resnet50 bert] [--runs 20] [--threads N] [--tune-time 10m]
                                     [--tuning-db DIR] [--cache build/models] [--write docs/benchmarks.md]
-    python benchmarks/bench.py gpu BUILD_DIR [BUILD_DIR ...] --out results.json [--max-autotune]
+    python benchmarks/bench.py gpu BUILD_DIR [BUILD_DIR ...] --out results.json [--max-autotune] [--peers P ...]
     python benchmarks/bench.py table RESULTS.json [...] --write docs/benchmarks.md
 
 host: for each model (transformers ResNetConfig() / BertConfig() at seq 128, batch 1, seeded random weights):
@@ -15,7 +15,8 @@ host: for each model (transformers ResNetConfig() / BertConfig() at seq 128, bat
   peak RSS (interpreter and libraries included).
 gpu (on the GPU machine, TVM runtime only): builds from benchmarks/roofline_calibration.py gpu-build (weights as
   parameters), timed against PyTorch eager fp32/fp16 and torch.compile fp16 (default; max-autotune with
-  --max-autotune), accuracy of ours against ONNX Runtime CPU on the same inputs.
+  --max-autotune; --peers picks them), accuracy of ours against ONNX Runtime CPU on the same inputs (max abs error,
+  lowest cosine, allclose at --rtol/--atol).
 """
 from __future__ import annotations
 
@@ -184,21 +185,28 @@ def gpu(args) -> None:
         meta = json.loads((build / "meta.json").read_text())
         model = "resnet50" if "resnet" in meta["model"] else "bert"
         inputs, weights = feeds_for(meta, np.random.default_rng(0))
-        outs, t = run_tvm(build, meta, inputs, weights)
+        then = feeds_for(meta, np.random.default_rng(1))[0]
+        outs, t = run_tvm(build, meta, inputs, weights, then)
         ref = run_ort(build, inputs, weights)
+        then_ref = run_ort(build, then, weights)
+        t["then_max_abs_err_vs_ort_cpu"] = max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(t.pop("then_outputs"), then_ref))
         err = max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(outs, ref))
+        cos = min(float(np.dot(a.ravel().astype(np.float64), r.ravel()) / (np.linalg.norm(a.astype(np.float64)) * np.linalg.norm(r) + 1e-30)) for a, r in zip(outs, ref))
+        ok = all(np.allclose(a, r, rtol=args.rtol, atol=args.atol) for a, r in zip(outs, ref))
         row = next((r for r in results["models"] if r["model"] == model), None)
         if row is None:
             row = {"model": model, "label": MODELS[model]["label"], "contenders": []}
             results["models"].append(row)
-        row["contenders"].append({"kind": f"ours {meta.get('variant', build.name)}", **t, "max_abs_err_vs_ort_cpu": err, "build_s": meta.get("build_seconds"),
-                                  "tuning": meta.get("tuning")})
+        row["contenders"].append({"kind": f"ours {meta.get('variant', build.name)}", **t, "max_abs_err_vs_ort_cpu": err, "min_cosine_vs_ort_cpu": cos,
+                                  f"allclose_rtol{args.rtol:g}_atol{args.atol:g}": ok, "build_s": meta.get("build_seconds"), "tuning": meta.get("tuning")})
         print(json.dumps(row["contenders"][-1]), flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # what a call cut short by its time limit leaves
         if model in done:
             continue
         done.add(model)
-        for label, dtype, mode in [("torch eager fp32", torch.float32, None), ("torch eager fp16", torch.float16, None),
-                                   ("torch.compile fp16", torch.float16, "default")] + ([("torch.compile max-autotune fp16", torch.float16, "max-autotune")] if args.max_autotune else []):
+        peers = {"eager-fp32": ("torch eager fp32", torch.float32, None), "eager-fp16": ("torch eager fp16", torch.float16, None),
+                 "compile": ("torch.compile fp16", torch.float16, "default"), "max-autotune": ("torch.compile max-autotune fp16", torch.float16, "max-autotune")}
+        for label, dtype, mode in [peers[p] for p in dict.fromkeys(args.peers + (["max-autotune"] if args.max_autotune else []))]:
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -223,6 +231,7 @@ def gpu(args) -> None:
             entry["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
             row["contenders"].append(entry)
             print(json.dumps(entry), flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
@@ -301,7 +310,11 @@ def main() -> None:
     g = sub.add_parser("gpu")
     g.add_argument("builds", nargs="+")
     g.add_argument("--out", required=True)
-    g.add_argument("--max-autotune", action="store_true")
+    g.add_argument("--max-autotune", action="store_true", help="add torch.compile mode='max-autotune' (minutes of compiling)")
+    g.add_argument("--peers", nargs="*", default=["eager-fp32", "eager-fp16", "compile"], choices=["eager-fp32", "eager-fp16", "compile", "max-autotune"],
+                   help="the torch peers timed once per model")
+    g.add_argument("--rtol", type=float, default=1e-3)
+    g.add_argument("--atol", type=float, default=1e-4)
     t = sub.add_parser("table")
     t.add_argument("results", nargs="+")
     t.add_argument("--write", default=None)

@@ -9,12 +9,16 @@ Two commands:
   estimate MODEL.onnx [--dim k=v ...] --target T [--target T2 ...] [--bandwidth-gbps B]
       Print the estimate of the optimized graph for each target (B replaces the descriptor's bandwidth).
 
-  gpu-build MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100]
+  gpu-build MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100] [-O O3] [--precision fp16 [--fp16 graph|graph32|relax]]
+            [--cuda-graph]
       Build for a CUDA target here, with the weights kept as parameters (graph inputs) so that the library holds
       code only and fits the GPU machine's 64 MiB transfer limit. Writes OUT_DIR/{model.so, graph.onnx, meta.json}:
       graph.onnx is the optimized graph with the weights as inputs (for the ONNX Runtime reference there), and
-      meta.json holds each weight's shape, dtype, mean and std (integer tensors: their values), the inputs, and the
-      roofline estimate for the target. benchmarks/roofline_device.py runs it on the GPU.
+      meta.json holds each weight's shape, dtype, mean and std (integer tensors: their values; tvm_dtype float16:
+      the library takes it in float16), the inputs, and the roofline estimate for the target.
+      benchmarks/roofline_device.py and benchmarks/bench.py gpu run it on the GPU. --cuda-graph marks the weights
+      as fixed (the function's num_input), so that RewriteCUDAGraph captures the kernels that read them, as it does
+      with the constant weights of a normal build.
 
 The optimized graph is the one `autoglm-compile --target T` builds (the O2 passes); the CUDA schedule is the
 default one (DLight), untuned, the same as the pipeline's `default` strategy.
@@ -43,9 +47,10 @@ from autoglm_compile.target import resolve_target  # noqa: E402
 H200_BANDWIDTH_GBPS = 4800.0
 
 
-def optimized(model_path: str, dims: list[str], preset: str = "O2", precision: str | None = None):
-    """(optimized ONNX, input specs): what the pipeline's load/validate/passes stages produce."""
-    from autoglm_compile.config import load_config
+def optimized(model_path: str, dims: list[str], preset: str = "O2", precision: str | None = None, kind: str | None = None):
+    """(optimized ONNX, input specs): what the pipeline's load/validate/passes stages produce (for a target of this
+    kind: the preset's passes less those config.PRESET_SKIPS lists for it)."""
+    from autoglm_compile.config import adapt_to_target, load_config
     from autoglm_compile.frontends import load
     from autoglm_compile.inputs import resolve_inputs
     from autoglm_compile.pass_manager import PassContext, run_passes
@@ -54,13 +59,16 @@ def optimized(model_path: str, dims: list[str], preset: str = "O2", precision: s
     specs = resolve_inputs(loaded.model, [], dims)
     ctx = PassContext(input_shapes={s.name: list(s.shape) for s in specs}, input_dtypes={s.name: s.dtype for s in specs},
                       ir_version=loaded.model.ir_version, log=lambda _: None)
-    model, _ = run_passes(loaded.model, load_config(preset, precision=precision).passes, ctx)
+    cfg = load_config(preset, precision=precision)
+    if kind:
+        adapt_to_target(cfg, kind)
+    model, _ = run_passes(loaded.model, cfg.passes, ctx)
     return model, specs
 
 
 def gpu_build(args) -> None:
     from autoglm_compile.inputs import InputSpec
-    from autoglm_compile.tvm_build import build, import_relax, lower
+    from autoglm_compile.tvm_build import ScheduleContext, build, import_relax, lower
     from autoglm_compile.toolchain import check_toolchain, export_library
 
     desc = resolve_target(args.target)
@@ -68,7 +76,8 @@ def gpu_build(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, specs = optimized(args.model, args.dim, args.preset, args.precision)
+    relax_fp16 = args.precision == "fp16" and args.fp16 == "relax"
+    model, specs = optimized(args.model, args.dim, args.preset, None if relax_fp16 else args.precision, desc.kind)
     shapes = {s.name: list(s.shape) for s in specs}
     # Weights become graph inputs named w0, w1, ...: TVM names the kernels' parameters after them, and a folded
     # constant's name ("/m/embeddings/Gather_output_0") is no C identifier.
@@ -95,17 +104,23 @@ def gpu_build(args) -> None:
     all_specs = list(specs) + [InputSpec(w["name"], tuple(w["shape"]), w["dtype"]) for w in weights]
     onnx.save(skel, str(out / "graph.onnx"))
     mod = import_relax(skel, all_specs)
+    if relax_fp16:
+        mod = relax_fp16_weights(mod, weights)
+    elif args.precision == "fp16" and args.fp16 == "graph32":
+        mod = accumulate_in_float32(mod)
+    if args.cuda_graph:  # the weights are fixed across calls: RewriteCUDAGraph may capture the kernels that read them
+        mod["main"] = mod["main"].with_attr("num_input", len(specs))
+    sched = ScheduleContext(desc=desc, cuda_graph=args.cuda_graph)
     tuning = None
     if args.tuning_db:
         from autoglm_compile.config import TuneConfig
-        from autoglm_compile.tvm_build import ScheduleContext
 
-        ctx = ScheduleContext(desc=desc, tune=TuneConfig(database=args.tuning_db, export=args.tune_export))
-        lowered, target = lower(mod, desc, "tune", ctx)
-        tuning = {k: getattr(ctx.tuning, k) for k in ("tasks", "hits", "misses")}
-        print(f"tuning database: {tuning['hits']} of {tuning['tasks']} tasks found" + "".join(f"; {w}" for w in ctx.warnings))
+        sched.tune = TuneConfig(database=args.tuning_db, export=args.tune_export)
+        lowered, target = lower(mod, desc, "tune", sched)
+        tuning = {k: getattr(sched.tuning, k) for k in ("tasks", "hits", "misses")}
+        print(f"tuning database: {tuning['hits']} of {tuning['tasks']} tasks found" + "".join(f"; {w}" for w in sched.warnings))
     else:
-        lowered, target = lower(mod, desc, "default")
+        lowered, target = lower(mod, desc, "default", sched)
     built = build(lowered, target)
     export_library(built.executable, str(out / "model.so"), desc, target)
     build_s = time.perf_counter() - t0
@@ -117,10 +132,70 @@ def gpu_build(args) -> None:
         "weights": weights, "outputs": [o.name for o in model.graph.output], "build_seconds": build_s,
         "estimate": est.model_dump(), "estimate_h200": h200.model_dump(), "preset": args.preset, "tuning": tuning,
         "variant": args.variant or ("tuned" if args.tuning_db else "untuned"),
+        "precision": args.precision or "fp32", "fp16": args.fp16 if args.precision == "fp16" else None, "cuda_graph": args.cuda_graph,
     }
     (out / "meta.json").write_text(json.dumps(meta) + "\n")
     print(f"{args.model}: built for {desc.name} in {build_s:.1f} s, library {(out / 'model.so').stat().st_size / 2**20:.1f} MiB, "
           f"{len(weights)} weights as parameters; estimate {est.total_ms:.3f} ms (H100), {h200.total_ms:.3f} ms (H200 bandwidth)")
+
+
+def accumulate_in_float32(mod):
+    """conv2d and matmul on float16 operands accumulate in float32 (out_dtype float32, then a cast to float16, which
+    FuseOps fuses into the kernel): a float16 graph (convert-float16) keeps its float16 tensors, and DLight's
+    tensor-core rule takes float16 x float16 -> float32. The 'graph32' variant of docs/benchmarks.md; the pipeline
+    uses ToMixedPrecision instead (as accurate, and faster on BERT-base)."""
+    import tvm
+    from tvm import relax
+
+    conv2d, matmul = tvm.ir.Op.get("relax.nn.conv2d"), tvm.ir.Op.get("relax.matmul")
+
+    @relax.expr_functor.mutator
+    class Accumulate(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op not in (conv2d, matmul) or any(str(a.ty.dtype) != "float16" for a in call.args) or str(call.ty.dtype) != "float16":
+                return call
+            if call.op == matmul:
+                wide = relax.op.matmul(call.args[0], call.args[1], out_dtype="float32")
+            else:
+                a = call.attrs
+                wide = relax.op.nn.conv2d(call.args[0], call.args[1], a.strides, a.padding, a.dilation, a.groups, a.data_layout, a.kernel_layout, a.out_layout, "float32")
+            return relax.op.astype(wide, "float16")
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = Accumulate().visit_expr(func)
+    return mod
+
+
+def relax_fp16_weights(mod, weights: list[dict]):
+    """mixed_precision on a module whose weights are parameters: the weights whose every use is a cast to float16
+    become float16 parameters (what FoldConstant does to constant weights in a normal build), marked in `weights`
+    as tvm_dtype float16 (the runner casts them; ONNX Runtime gets the float32 values)."""
+    import tvm
+    from tvm import relax
+
+    from autoglm_compile.tvm_build import mixed_precision
+
+    probe = mixed_precision(mod)
+    names = {p.name for p in probe["main"].params}
+    uses: dict[str, list] = {}
+
+    def visit(e):
+        if isinstance(e, relax.Call):
+            for a in e.args:
+                if isinstance(a, relax.Var) and a.name in names:
+                    uses.setdefault(a.name, []).append(e)
+
+    def to_half(c) -> bool:
+        return isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.astype" and str(c.attrs.dtype) == "float16"
+
+    relax.analysis.post_order_visit(probe["main"].body, visit)
+    half = [w["name"] for w in weights if w["dtype"] == "float32" and uses.get(w["name"]) and all(map(to_half, uses[w["name"]]))]
+    for w in weights:
+        if w["name"] in half:
+            w["tvm_dtype"] = "float16"
+    return mixed_precision(mod, half)
 
 
 def host(args) -> None:
@@ -170,7 +245,10 @@ def main() -> None:
     g.add_argument("--target", default="nvidia-h100")
     g.add_argument("--min-elements", type=int, default=1024, help="initializers this large become parameters")
     g.add_argument("-O", dest="preset", default="O2", help="pass preset (O2, O3)")
-    g.add_argument("--precision", default=None, help="fp16: the preset plus convert-float16 (inputs and outputs stay float32)")
+    g.add_argument("--precision", default=None, help="fp16: float16 compute (inputs and outputs stay float32), by --fp16")
+    g.add_argument("--fp16", choices=["graph", "graph32", "relax"], default="relax",
+                   help="graph: the convert-float16 pass; graph32: the same with float32 accumulation in conv/matmul; relax: ToMixedPrecision")
+    g.add_argument("--cuda-graph", action="store_true", help="RewriteCUDAGraph (relax.backend.use_cuda_graph)")
     g.add_argument("--tuning-db", help="schedule with this tuning database (the 'tune' strategy); default schedules otherwise")
     g.add_argument("--tune-export", help="with --tuning-db: write the tasks missing from it here, for tune_worker on the GPU")
     g.add_argument("--variant", help="a label for this build in the benchmark tables")

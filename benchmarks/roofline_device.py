@@ -59,7 +59,9 @@ def feeds_for(meta: dict, rng) -> tuple[dict, dict]:
     return inputs, weights
 
 
-def run_tvm(build: Path, meta: dict, inputs: dict, weights: dict) -> tuple[list[np.ndarray], dict]:
+def run_tvm(build: Path, meta: dict, inputs: dict, weights: dict, then: dict | None = None) -> tuple[list[np.ndarray], dict]:
+    """(outputs, timing) of the build on `inputs`; with `then` (other inputs), also timing["then_outputs"]: the
+    outputs of one more call on them after the timed runs (a CUDA graph replays with new input tensors)."""
     import tvm
     import tvm.runtime.vm
 
@@ -67,16 +69,22 @@ def run_tvm(build: Path, meta: dict, inputs: dict, weights: dict) -> tuple[list[
     lib = tvm.runtime.load_module(str(build / "model.so"))
     vm = tvm.runtime.vm.VirtualMachine(lib, dev)
     main = vm["main"]
-    args = [tvm.runtime.tensor(a, device=dev) for a in list(inputs.values()) + list(weights.values())]
+    dtypes = {w["name"]: w.get("tvm_dtype", w["dtype"]) for w in meta["weights"]}  # gpu-build --fp16 relax: float16 weights
+    args = [tvm.runtime.tensor(a, device=dev) for a in inputs.values()] + [tvm.runtime.tensor(a.astype(dtypes[n]), device=dev) for n, a in weights.items()]
 
     def call():
         out = main(*args)
         dev.sync()
         return out
 
-    out = call()
-    outs = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
-    return outs, timed(call, 10, 500, 5.0)
+    def numpy(out) -> list[np.ndarray]:
+        return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+    outs = numpy(call())
+    t = timed(call, 10, 500, 5.0)
+    if then is not None:
+        t["then_outputs"] = numpy(main(*[tvm.runtime.tensor(a, device=dev) for a in then.values()], *args[len(inputs):]))
+    return outs, t
 
 
 def run_ort(build: Path, inputs: dict, weights: dict) -> list[np.ndarray]:
