@@ -89,6 +89,7 @@ class TuneConfig(_Strict):
     strict: bool = Field(False, description="fail on a task missing from the database instead of tuning it (reproducible CI builds)")
     cost_model: Literal["xgb", "random"] = Field("xgb", description="MetaSchedule's cost model: xgb (its default) or random (no xgboost)")
     export: str | None = Field(None, description="folder: write the tasks missing from the database there, for tuning on the target machine (tune_worker there, then tune-merge here), and build with default schedules for them")
+    weight_prepack: bool = Field(False, description="llvm targets: let MetaSchedule choose the layout of constant weights, transformed once at build time (TVM's cpu_weight_prepack); changes the tasks, so a database tuned without it does not apply")
 
     @field_validator("time_budget", mode="before")
     @classmethod

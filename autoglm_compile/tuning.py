@@ -377,13 +377,25 @@ def check_tunable(desc, tune) -> None:
         )
 
 
-def _phases(target):
+def _phases(target, weight_prepack: bool = False):
     """(passes before task extraction, passes after the database is applied) of the target's default Relax pipeline,
-    with the default schedules (DLight on GPUs) moved after the database so that they only cover untuned tasks."""
+    with the default schedules (DLight on GPUs) moved after the database so that they only cover untuned tasks.
+
+    weight_prepack (llvm): the kernels' constant weights are layout-free buffers, so MetaSchedule may choose their
+    layout (its RewriteLayout postprocessor); after the database is applied, the layout transforms are split out of
+    the kernels (SplitLayoutRewritePreproc) and folded into the constants, i.e. done once at build time, as TVM's
+    static_shape_tuning pipeline does with cpu_weight_prepack (there with LiftTransformParams, since its weights are
+    parameters; ours are bound constants)."""
     if target.kind.name == "llvm":
+        from tvm import relax
         from tvm.relax.backend.cpu_generic import pipeline as p
 
-        return p.library_dispatch_passes(target) + p.legalize_passes(target), p.dataflow_lower_passes(target) + p.finalize_passes(target)
+        before = p.library_dispatch_passes(target) + p.legalize_passes(target)
+        after = p.dataflow_lower_passes(target) + p.finalize_passes(target)
+        if weight_prepack:
+            before.append(relax.transform.AttachAttrLayoutFreeBuffers())
+            after = [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()] + after
+        return before, after
     from tvm.relax.backend.cuda import pipeline as p
 
     from .tune_worker import gpu_legalize_passes
@@ -456,7 +468,7 @@ def tune_and_lower(mod, target, ctx):
     if target.kind.name not in TUNABLE_KINDS:
         raise UnsupportedError(f"--tune: TVM target kind '{target.kind.name}' cannot be tuned", "tuning covers llvm and cuda targets")
     start = time.monotonic()
-    before, after = _phases(target)
+    before, after = _phases(target, tune.weight_prepack)
     with target:
         mod = tvm.transform.Sequential(before)(mod)
     tasks = ms.relax_integration.extract_tasks(mod, target)

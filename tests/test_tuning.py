@@ -440,3 +440,30 @@ def test_pack_database_refuses_a_folder_that_is_not_one(tmp_path):
     with pytest.raises(Exception) as e:
         tuning.pack_database(tmp_path, tmp_path / "out")
     assert "no database_workload.json" in str(e.value)
+
+
+def test_weight_prepack_makes_its_own_tasks(tuned, tmp_path):
+    """tune: {weight_prepack: true}: the kernels' constant weights are marked layout-free before the tasks are
+    extracted (so MetaSchedule may choose their layout, and the transform is folded into the constants after
+    tuning), which makes tasks of their own: no hit in the plain build's database; the build still matches ONNX
+    Runtime."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from autoglm_compile.target import resolve_target
+    from autoglm_compile.tvm_build import import_relax, make_target
+    from autoglm_compile.inputs import InputSpec
+
+    model, db, first, _, _ = tuned
+    target = make_target(resolve_target("host"))
+    mod = import_relax(onnx.load(str(model)), [InputSpec("x", (1, 3, 16, 16), "float32")])
+    for prepack, expected in ((False, set()), (True, {"fused_conv2d_add_relu", "matmul"})):
+        before, _ = tuning._phases(target, prepack)
+        with target:
+            lowered = tvm.transform.Sequential(before)(mod)
+        marked = {t.task_name.rstrip("0123456789") for t in ms.relax_integration.extract_tasks(lowered, target)
+                  if any(f.attrs is not None and len(f.attrs.get("layout_free_buffers", [])) for _, f in t.mod.functions_items())}
+        assert marked == expected  # the conv and the Gemm read constant weights; mean and reshape do not
+    report = build(model, tmp_path / "out", db, quick_config(tmp_path, weight_prepack=True), tune_trials=8)
+    assert report.accuracy.ok and report.result == "ok"
+    assert report.tuning.hits == 0 and report.tuning.misses == report.tuning.tasks == first.tuning.tasks
