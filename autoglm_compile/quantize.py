@@ -21,8 +21,10 @@ the artifact's model.opt.onnx holds:
 5. Each quantized activation tensor's contribution to the output error: the float model with only that tensor
    passed through its QuantizeLinear/DequantizeLinear (the QDQ model's scale and zero point), its outputs' cosine to
    the float outputs on the first verification input. One ONNX Runtime session holds every candidate behind a 0/1
-   switch input, and runs once per tensor. At most `scan` tensors are measured: those with the lowest quantization
-   SQNR on the float activations (one run) when there are more.
+   switch input, and runs once per tensor. At most `scan` tensors are measured when there are more: first those
+   whose range is so stretched that most of their non-zero values quantize to zero (an attention mask's -3.4e38
+   added to the scores: their SQNR is high, since the huge values dominate the norm), then those with the lowest
+   quantization SQNR on the float activations (one run).
 6. Protection rounds, at most `max_rounds`: round k keeps the 2^(k-1) tensors with the largest contribution in
    float, by excluding each one's producer and consumers from quantization (so the tensor itself is never
    quantized; excluding a single node leaves the tensors around it quantized for its neighbours), re-quantizes and
@@ -55,6 +57,7 @@ from .errors import AccuracyError, InputError
 from .precision import (Budget, CalibrationReport, ProtectedNode, ProtectionRound, QuantizationReport, budget_value,
                         metric_value)
 
+FLUSHED = 0.5  # a tensor with at least this share of its non-zero values quantized to zero is always scanned
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel) is opset 13
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -227,8 +230,12 @@ def calibrate(prepared_path: Path, samples, method: str, cache: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="autoglm-calib-") as tmp:
         calibrator = create_calibrator(Path(prepared_path), sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=getattr(CalibrationMethod, METHODS[method]), extra_options=extra)
-        calibrator.collect_data(_reader(samples))
-        save_tensors_data(calibrator.compute_data(), cache)
+        try:
+            calibrator.collect_data(_reader(samples))
+            save_tensors_data(calibrator.compute_data(), cache)
+        except ValueError as e:  # e.g. entropy's histogram of a tensor holding -3.4e38 (an attention mask)
+            raise InputError(f"--calib-method {method}: ONNX Runtime's calibrator failed: {str(e).strip().splitlines()[0][:200]}",
+                             "use --calib-method minmax or percentile, or keep the tensor's nodes in float (precision.keep_float)") from None
 
 
 def quantize(prepared_path: Path, out: Path, samples, cache: Path, method: str, per_channel: bool, exclude: list[str], ir_version: int) -> onnx.ModelProto:
@@ -287,8 +294,11 @@ def _fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
     return (q - z) * float(scale)
 
 
-def local_sqnr(prepared: onnx.ModelProto, qparams: dict, feed: dict) -> dict[str, float]:
-    """Each tensor's quantization SQNR (dB) on the float model's activations: its own error, not accumulated."""
+def activation_stats(prepared: onnx.ModelProto, qparams: dict, feed: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Per quantized tensor, on the float model's activations (one run): its quantization SQNR in dB (its own error,
+    not accumulated), and the share of its non-zero values that quantize to zero. A range stretched by a few huge
+    values (an attention mask's -3.4e38 added to the scores: a scale of 1e36) flushes all the others to zero while
+    the SQNR stays high, since those few values dominate the norm; the flushed share shows it."""
     from .measure import ort_session
 
     m = onnx.ModelProto()
@@ -298,12 +308,17 @@ def local_sqnr(prepared: onnx.ModelProto, qparams: dict, feed: dict) -> dict[str
     m.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names)
     values = ort_session(m, optimize=False).run([o.name for o in m.graph.output], feed)
     acts = dict(zip([o.name for o in m.graph.output], values))
-    out = {}
+    sqnr, flushed = {}, {}
     for t, (s, z) in qparams.items():
         x = np.asarray(acts[t], np.float64)
-        noise = float(np.linalg.norm(x - _fake_quant(x, s, z)))
-        out[t] = 20 * np.log10(max(float(np.linalg.norm(x)), 1e-12) / max(noise, 1e-12))
-    return out
+        xq = _fake_quant(x, s, z)
+        noise = float(np.linalg.norm(x - xq))
+        sqnr[t] = 20 * np.log10(max(float(np.linalg.norm(x)), 1e-12) / max(noise, 1e-12))
+        nonzero = x != 0
+        flushed[t] = float(np.mean(xq[nonzero] == 0)) if nonzero.any() else 0.0
+    return sqnr, flushed
+
+
 
 
 def switch_model(prepared: onnx.ModelProto, units: list[str], qparams: dict) -> onnx.ModelProto:
@@ -448,9 +463,10 @@ def quantize_graph(job) -> None:
             qparams = activation_qparams(qdq, prepared)
             candidates = len(qparams)
             units = list(qparams)
-            sqnr = local_sqnr(prepared, qparams, feeds[0])
-            if len(units) > cfg.scan:
-                units = sorted(units, key=lambda t: sqnr[t])[: cfg.scan]
+            sqnr, flushed = activation_stats(prepared, qparams, feeds[0])
+            if len(units) > cfg.scan:  # the flushed tensors first (whatever their SQNR), then the lowest SQNR
+                gone = sorted((t for t in units if flushed[t] >= FLUSHED), key=lambda t: -flushed[t])
+                units = (gone + sorted((t for t in units if flushed[t] < FLUSHED), key=lambda t: sqnr[t]))[: max(cfg.scan, len(gone))]
             note(f"int8: {budget.text} not met ({value:.4g}); measuring the contribution of {len(units)} of {candidates} tensor(s)")
             alone = contributions(prepared, units, qparams, feeds[0])
             scanned = len(alone)

@@ -184,7 +184,7 @@ def test_local_sqnr_and_contributions(tmp_path):
     """The two measures behind the protection, on the sensitive net: each tensor's own quantization SQNR (checked
     against numpy here) and its contribution (output cosine with only it quantized), which singles out 'shifted'
     where the SQNR does not (the 1e4 channel dominates its norm)."""
-    from autoglm_compile.quantize import activation_qparams, contributions, local_sqnr, quantize
+    from autoglm_compile.quantize import FLUSHED, activation_qparams, activation_stats, contributions, quantize
 
     prepared, path = prepare(sensitive_net(), per_channel=True, ir_version=8, folder=tmp_path)
     samples = load_calibration(calib_file(tmp_path / "c.npz"), [X], limit=8)
@@ -192,7 +192,7 @@ def test_local_sqnr_and_contributions(tmp_path):
     qparams = activation_qparams(qdq, prepared)
     assert set(qparams) == {"x", "r1", "shifted", "back"}
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
-    sqnr = local_sqnr(prepared, qparams, feed)
+    sqnr, flushed = activation_stats(prepared, qparams, feed)
     scale, zp = qparams["x"]
     x = feed["x"].astype(np.float64)
     fq = (np.clip(np.round(x / float(scale)) + float(zp), 0, 255) - float(zp)) * float(scale)
@@ -200,6 +200,8 @@ def test_local_sqnr_and_contributions(tmp_path):
     alone = contributions(prepared, list(qparams), qparams, feed)
     assert min(alone, key=alone.get) == "shifted" and alone["shifted"] < 0.5 and min(v for k, v in alone.items() if k != "shifted") > 0.999
     assert max(sqnr, key=sqnr.get) == "shifted"
+    # ... and the flushed share does: the 1e4 channel stretches the range so that the other channels quantize to 0
+    assert [t for t in qparams if flushed[t] >= FLUSHED] == ["shifted"] and flushed["x"] < 0.05
 
 
 # ------------------------------------------------------------------------------------------------------ builds
@@ -232,17 +234,19 @@ def test_qdq_round_trip_tiny_conv(tmp_path):
     assert result.exit_code == 0 and "budget cosine>=0.99 (default for int8)" in result.stderr and "PASS" in result.stderr
 
 
-def test_sensitive_op_ends_up_in_float(tmp_path):
-    """The Adds around the 1e4 offset are kept in float by the protection; the convs stay int8."""
+@pytest.mark.parametrize("scan", [128, 1])
+def test_sensitive_op_ends_up_in_float(tmp_path, scan):
+    """The Adds around the 1e4 offset are kept in float by the protection; the convs stay int8. With scan 1 the one
+    tensor measured is the flushed one (its SQNR is the best of the four)."""
     src = tmp_path / "sensitive.onnx"
     onnx.save(sensitive_net(), str(src))
     cfg = tmp_path / "int8.yaml"
-    cfg.write_text("extends: O2\nprecision: {mode: int8}\n")
+    cfg.write_text(f"extends: O2\nprecision: {{mode: int8, scan: {scan}}}\n")
     out = tmp_path / "out"
     report = compile_model(CompileOptions(source=str(src), output=out, runs=1, config_path=cfg, calib_data=calib_file(tmp_path / "c.npz")))
     q = report.quantization
     assert q.value_before < 0.99 <= q.value and q.ok and len(q.rounds) >= 2 and not q.rounds[0].holds and q.rounds[-1].holds
-    assert q.scanned == q.candidates == 4  # x, r1, shifted, back
+    assert q.candidates == 4 and q.scanned == min(scan, 4)  # x, r1, shifted, back
     protected = {p.name: p for p in q.protected}
     assert "sensitive_add" in protected and protected["sensitive_add"].tensor == "shifted"
     assert protected["sensitive_add"].alone_cosine < 0.99 and protected["sensitive_add"].local_sqnr_db is not None
@@ -365,3 +369,17 @@ def test_config_int8_wins_over_the_npu_fp16_preference(tmp_path):
     target = resolve_target("ascend-910b")  # prefer_fp16: fp16 unless told otherwise
     assert resolve_config(CompileOptions(source="m.onnx", config_path=cfg), target).precision == "int8"
     assert resolve_config(CompileOptions(source="m.onnx"), target).precision == "fp16"
+
+
+def test_entropy_calibration_failure_is_a_user_error(tmp_path):
+    """ONNX Runtime's entropy calibrator cannot histogram a tensor holding -3.4e38 (an additive attention mask, as
+    in MiniLM): one line and a hint (exit 2), not a traceback."""
+    mask = np.zeros((1, 3, 16, 16), np.float32)
+    mask[..., :4] = np.finfo(np.float32).min
+    nodes = [helper.make_node("Add", ["x", "mask"], ["masked"], name="mask_add"), helper.make_node("Relu", ["masked"], ["y"], name="relu")]
+    src = tmp_path / "masked.onnx"
+    onnx.save(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])], [numpy_helper.from_array(mask, "mask")]), str(src))
+    result = invoke(src, "--precision", "int8", "--calib-data", calib_file(tmp_path / "c.npz"), "--calib-method", "entropy", "-o", tmp_path / "out")
+    assert_user_error(result, 2, "--calib-method entropy: ONNX Runtime's calibrator failed", "use --calib-method minmax or percentile")
+    assert not (tmp_path / "out").exists()
