@@ -115,6 +115,7 @@ class Job:
     input_rule: str = RANDOM_INPUT_RULE  # where the verification inputs came from (stated in the report)
     samples: list = field(default_factory=list)  # (file, feeds, reference) of the sample inputs after the first
     partition: object = None  # partition.Plan when some nodes run on ONNX Runtime (--fallback onnxruntime)
+    int8: object = None  # int8_kernels.Int8Summary: the int8 x int8 -> int32 rewrite of a QDQ model (CPU targets)
 
 
 # ------------------------------------------------------------------------------------------------------ stages
@@ -226,6 +227,10 @@ def stage_import(job: Job) -> None:
         partition.stage_import(job)
         return
     job.relax_mod = import_relax(job.model, job.inputs)
+    if job.config.precision in ("int8", "mixed") and job.target.kind == "cpu":  # int8 kernels where the CPU has a dot product
+        from .int8_kernels import apply
+
+        apply(job)
 
 
 def stage_schedule(job: Job) -> None:
@@ -236,6 +241,7 @@ def stage_schedule(job: Job) -> None:
 
         return schedule_segments(job)
     ctx = ScheduleContext(desc=job.target, tune=job.config.tune, progress=job.progress, fp16=job.config.relax_fp16, cuda_graph=bool(job.config.schedule.cuda_graph))
+    ctx.prepack_weights = bool(job.int8 and job.int8.packed)  # int8 kernels read their weights packed (int8_kernels.py)
     try:
         job.lowered, job.tvm_target = lower(job.relax_mod, job.target, job.config.schedule.strategy, ctx)
     except Exception as e:  # --fallback onnxruntime: isolate the nodes TVM cannot lower (partition.recover)
@@ -246,6 +252,10 @@ def stage_schedule(job: Job) -> None:
     finally:
         job.report.tuning = ctx.tuning or job.report.tuning
         job.report.warnings += ctx.warnings
+    if job.int8 is not None and job.lowered is not None and job.report.quantization is not None:
+        from .int8_kernels import describe, dot_kernels
+
+        job.report.quantization.int8_kernels = describe(job.int8, dot_kernels(job.lowered))
 
 
 def stage_build(job: Job) -> None:

@@ -65,6 +65,41 @@ def import_tensor_intrinsics() -> None:
     with _cheap_inspect_stack():
         import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the tensor intrinsics the schedule rules name)
 
+        _fix_vnni_intrinsic()
+
+
+def _fix_vnni_intrinsic() -> None:
+    """Re-register "dot_16x4_vnni" (MetaSchedule's VNNI rule names it) for LLVM >= 21, where
+    llvm.x86.avx512.vpdpbusd.512 takes <64 x i8> operands: TVM 0.27's passes <16 x i32> ones, which LLVM 22 rejects
+    ("Call parameter type does not match function signature"), so every VNNI candidate failed to build."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN, dot_product_16x4_u8i8i32_desc
+    from tvm.script import tirx as T
+    from tvm.target import codegen
+
+    if codegen.llvm_version_major() < 21:
+        return
+
+    @T.prim_func(s_tir=True)
+    def vnni_impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
+
+    TensorIntrin.register(VNNI_DOT_16x4_INTRIN, dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
+
 
 def build_candidate(mod, target, _params):
     """MetaSchedule's default_build without its import of tvm.s_tir.tensor_intrin (runs in the builder's worker).

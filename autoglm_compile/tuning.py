@@ -79,6 +79,9 @@ class TuningDatabase:
     def __init__(self, root: Path, target):
         import tvm
 
+        from .tune_worker import import_tensor_intrinsics
+
+        import_tensor_intrinsics()  # records of tensorized kernels (int8 dot products) name intrinsics, read on load
         self.target = target
         self.key = target_key(target)
         self.path = Path(root).expanduser() / self.key
@@ -468,7 +471,8 @@ def tune_and_lower(mod, target, ctx):
     if target.kind.name not in TUNABLE_KINDS:
         raise UnsupportedError(f"--tune: TVM target kind '{target.kind.name}' cannot be tuned", "tuning covers llvm and cuda targets")
     start = time.monotonic()
-    before, after = _phases(target, tune.weight_prepack)
+    # int8 kernels (int8_kernels.py) need it: the dot-product intrinsics read weight blocks packed contiguously
+    before, after = _phases(target, tune.weight_prepack or ctx.prepack_weights)
     with target:
         mod = tvm.transform.Sequential(before)(mod)
     tasks = ms.relax_integration.extract_tasks(mod, target)

@@ -65,6 +65,7 @@ class ScheduleContext:
     tune: object = None  # config.TuneConfig
     progress: object = None  # pipeline.Progress (stage/note/update)
     tuning: object = None  # report.TuningReport, set by the tune strategy
+    prepack_weights: bool = False  # int8 kernels (int8_kernels.py): let tuning rewrite constant weights' layout
     warnings: list[str] = field(default_factory=list)
     fp16: bool = False  # ToMixedPrecision before scheduling (mixed_precision below)
     cuda_graph: bool = False  # CUDA targets: Relax's RewriteCUDAGraph captures the static kernel sequences

@@ -1,0 +1,429 @@
+"""Real int8 kernels for QDQ models on llvm targets with an int8 dot product.
+
+TVM's ONNX importer turns a QDQ model's DequantizeLinear into relax dequantize, so Conv/MatMul/Gemm read float32.
+`rewrite` turns each
+
+    conv2d(dequantize(xq, sx, zx), dequantize(wq, sw, 0))      xq: uint8 activations, wq: an int8 constant
+    matmul(dequantize(xq, sx, zx), dequantize(wq, sw, 0))      (Gemm: the weight may be permute_dims'd)
+
+into an int8 x int8 -> int32 conv2d/matmul, with exact zero-point handling, then back to the float the graph expects:
+
+    acc = conv2d(pad(xq, value=zx), wq, padding=0, out_dtype=int32) - zx * sum(wq[o])     (a constant per channel)
+    y   = float32(acc) * (sx * sw[o])
+
+(topi pads with 0, so a non-zero activation zero point is padded explicitly). The QuantizeLinear after the op stays:
+the requantize is y's quantize. Weights must be int8 with a zero point of 0 (quantize_static's symmetric weights),
+per tensor or per output channel; activations uint8 (or int8) per tensor. The int8 conv2d is NHWC (input channels
+innermost: MetaSchedule does not tensorize an NCHW conv2d), between two transposes; `sink_transposes` then moves
+those transposes down through the layout-agnostic ops (bias add, relu, quantize/dequantize, residual add, pooling) and
+cancels inverse pairs, so the graph is NHWC from conv to conv and the elementwise chains fuse into the conv epilogues
+(ResNet-50: 106 transposes -> 2, at the input and the output). Grouped and depthwise convs and matmuls of two
+activations (attention) stay float.
+
+VNNI (x86): activations stay uint8 (vpdpbusd multiplies uint8 by int8). MetaSchedule picks its VNNI rule from the
+target's features (space_generator.cc: avx512vnni or avxvnni -> MultiLevelTilingWithIntrin with "dot_16x4_vnni"),
+but that intrinsic reads its weight operand as one contiguous 16x4 block, which an OHWI or [K, N] weight is not (its
+RewriteLayout postproc runs after tensorize, too late). So where the channels allow (16 | output, 4 | input) the
+kernel is a TE compute over a weight packed at build time, [O/16, KH, KW, I/4, 16, 4] ([N/16, K/4, 16, 4] for a
+matmul), the layout of topi's old conv2d_NCHWc_int8; input channels that are not a multiple of 4 (a stem's 3) are
+padded with zero weights. The others are plain int8 conv2d/matmul without vpdpbusd.
+Tuning (--tune) then emits vpdpbusd; untuned default schedules do not. aarch64 (dotprod): activations are shifted to
+int8 (xq - 128, zx - 128: exact) for sdot, with plain int8 ops; sdot emission there is not verified.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# LLVM feature -> the int8 dot-product instruction that code for it can use, by architecture.
+DOT_FEATURES = {"x86_64": [("avx512vnni", "vpdpbusd (AVX512-VNNI)"), ("avxvnni", "vpdpbusd (AVX-VNNI)")],
+                "aarch64": [("dotprod", "sdot (dotprod)")]}
+
+
+def int8_dot_product(target) -> str | None:
+    """The int8 dot-product instruction a TVM llvm target can use (from its mcpu and mattr), or None."""
+    from tvm.target import codegen
+
+    if target.kind.name != "llvm":
+        return None
+    triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
+    arch = triple.split("-")[0]
+    features = set(codegen.llvm_get_cpu_features(target))
+    return next((instr for feat, instr in DOT_FEATURES.get(arch, []) if feat in features), None)
+
+
+@dataclass
+class Int8Summary:
+    """What `rewrite` did: ops rewritten to int8 x int8 -> int32, and those left in float with the reason."""
+
+    instruction: str | None
+    convs: int = 0
+    matmuls: int = 0
+    packed: int = 0  # of those, with the weight packed in blocks that the dot-product instruction reads
+    kept_float: dict[str, int] = field(default_factory=dict)  # "Conv: reason" -> count
+
+    @property
+    def rewritten(self) -> int:
+        return self.convs + self.matmuls
+
+    def keep(self, op: str, reason: str) -> None:
+        key = f"{op}: {reason}"
+        self.kept_float[key] = self.kept_float.get(key, 0) + 1
+
+
+LANES, REDUCE = 16, 4  # VNNI's vpdpbusd (dot_16x4_vnni): 16 int32 outputs, each a sum of 4 uint8 x int8 products
+
+
+def _pack_dense(w: np.ndarray) -> np.ndarray:
+    """[K, N] -> [N/16, K/4, 16, 4]: each 16x4 block contiguous, as dot_16x4_vnni reads its B operand."""
+    k, n = w.shape
+    return np.ascontiguousarray(w.reshape(k // REDUCE, REDUCE, n // LANES, LANES).transpose(2, 0, 3, 1)).astype(np.int8)
+
+
+def _pack_conv(w: np.ndarray) -> np.ndarray:
+    """OIHW -> [O/16, H, W, I/4, 16, 4]."""
+    o, i, kh, kw = w.shape
+    return np.ascontiguousarray(w.reshape(o // LANES, LANES, i // REDUCE, REDUCE, kh, kw).transpose(0, 4, 5, 2, 1, 3)).astype(np.int8)
+
+
+def _dense_packed(a, wp):
+    """int32 [..., N] = a [..., K] (uint8) x the packed weight."""
+    from tvm import te
+
+    k = te.reduce_axis((0, a.shape[-1]), "k")
+    n = wp.shape[0] * LANES
+    return te.compute((*a.shape[:-1], n), lambda *i: te.sum(
+        a[(*i[:-1], k)].astype("int32") * wp[i[-1] // LANES, k // REDUCE, i[-1] % LANES, k % REDUCE].astype("int32"), axis=k),
+        name="dense_int8")
+
+
+def _conv2d_packed(x, wp, strides, dilation):
+    """int32 NHWC = conv2d of x (NHWC uint8, padded already) with the packed weight."""
+    from tvm import te
+
+    n, h, w, _ = x.shape
+    o_blocks, kh, kw, i_blocks = wp.shape[:4]
+    (sh, sw), (dh, dw) = strides, dilation
+    oh, ow = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
+    rh, rw, ric = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, i_blocks * REDUCE), "ric")
+    return te.compute((n, oh, ow, o_blocks * LANES), lambda b, y, z, c: te.sum(
+        x[b, y * sh + rh * dh, z * sw + rw * dw, ric].astype("int32")
+        * wp[c // LANES, rh, rw, ric // REDUCE, c % LANES, ric % REDUCE].astype("int32"), axis=[rh, rw, ric]), name="conv2d_nhwc_int8")
+
+
+def _const(expr) -> np.ndarray | None:
+    from tvm.ir.expr import Constant
+
+    return expr.value.numpy() if isinstance(expr, Constant) else None
+
+
+def rewrite(mod, target):
+    """(mod with int8 Conv/MatMul where the target has an int8 dot product, Int8Summary). Without one the module is
+    returned as it is, and the summary counts every Conv/MatMul as float."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    instruction = int8_dot_product(target)
+    summary = Int8Summary(instruction)
+    signed = instruction is not None and instruction.startswith("sdot")
+    packed = instruction is not None and instruction.startswith("vpdpbusd")
+    op = tvm.ir.Op.get
+    CONV, MATMUL, DQ, PERMUTE = op("relax.nn.conv2d"), op("relax.matmul"), op("relax.dequantize"), op("relax.permute_dims")
+    OTHER_CONVS = (op("relax.nn.conv1d"), op("relax.nn.conv3d"))
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def _bound(self, expr):
+            """The call a variable is bound to (through the dataflow block), else the expression."""
+            while isinstance(expr, relax.Var):
+                value = self.lookup_binding(expr)
+                if value is None:
+                    return expr
+                expr = value
+            return expr
+
+        def _activation(self, expr):
+            """(xq, sx, zx) of a per-tensor dequantize of uint8/int8 activations, or a reason it is not one."""
+            call = self._bound(expr)
+            if not (isinstance(call, relax.Call) and call.op.same_as(DQ)):
+                return "its input is not dequantized (kept in float)"
+            xq, scale, zp = call.args
+            s, z = _const(scale), _const(zp)
+            if s is None or z is None or s.size != 1 or z.size != 1:
+                return "its input's scale or zero point is not one constant"
+            dtype = xq.ty.dtype
+            if dtype not in ("uint8", "int8"):
+                return f"its input is {dtype}"
+            return xq, float(s.reshape(())), int(z.reshape(()))
+
+        def _weight(self, expr, out_axis: int):
+            """(wq int64 array, scale per output channel) of a dequantized int8 constant, or a reason."""
+            call = self._bound(expr)
+            perm = None
+            if isinstance(call, relax.Call) and call.op.same_as(PERMUTE):
+                perm = call.attrs.axes
+                call = self._bound(call.args[0])
+            if not (isinstance(call, relax.Call) and call.op.same_as(DQ)):
+                return "its weight is not a dequantized constant (an activation)"
+            w, s, z = (_const(a) for a in call.args)
+            if w is None or s is None or z is None:
+                return "its weight is not a dequantized constant (an activation)"
+            if w.dtype != np.int8:
+                return f"its weight is {w.dtype}, not int8"
+            if np.any(z != 0):
+                return "its weight zero point is not 0"
+            axis = int(call.attrs.axis) % w.ndim
+            if perm is not None:
+                axes = [int(a) for a in perm] if len(perm) else list(range(w.ndim))[::-1]
+                w = np.transpose(w, axes)
+                axis = axes.index(axis)
+            n = w.shape[out_axis]
+            if s.size == 1:
+                s = np.full(n, float(s.reshape(())), np.float64)
+            elif s.size == n and axis == out_axis:
+                s = s.reshape(n).astype(np.float64)
+            else:
+                return "its weight scale is not per tensor or per output channel"
+            return w, s
+
+        def _input(self, xq, zx):
+            """The activations in the dtype the dot product takes (uint8 on x86, int8 on aarch64)."""
+            want = "int8" if signed else "uint8"
+            if xq.ty.dtype == want:
+                return xq, zx
+            shift = -128 if want == "int8" else 128
+            wide = relax.op.add(relax.op.astype(xq, "int16"), relax.const(shift, "int16"))
+            return relax.op.astype(wide, want), zx + shift
+
+        def visit_call_(self, call):
+            call = self.builder_.normalize(super().visit_call_(call))
+            if call.op.same_as(CONV):
+                return self._conv(call)
+            if call.op.same_as(MATMUL):
+                return self._matmul(call)
+            if any(call.op.same_as(o) for o in OTHER_CONVS):
+                summary.keep("Conv", "not 2-D (only conv2d is rewritten)")
+            return call
+
+        def _conv(self, call):
+            a = call.attrs
+            if str(call.ty.dtype) != "float32":
+                return call
+            if instruction is None:
+                summary.keep("Conv", "the target has no int8 dot product")
+                return call
+            if a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
+                summary.keep("Conv", f"layout {a.data_layout}/{a.kernel_layout}")
+                return call
+            if int(a.groups) != 1:
+                summary.keep("Conv", "grouped or depthwise (no int8 dot-product schedule for it)")
+                return call
+            act, wt = self._activation(call.args[0]), self._weight(call.args[1], 0)
+            for found in (act, wt):
+                if isinstance(found, str):
+                    summary.keep("Conv", found)
+                    return call
+            (xq, sx, zx), (w, sw) = act, wt
+            xq, zx = self._input(xq, zx)
+            pad = [int(p) for p in a.padding]
+            if zx != 0 and any(pad):  # topi pads with 0: pad with the zero point instead
+                top, left, bottom, right = pad
+                xq = relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], "constant", float(zx))
+                pad = [0, 0, 0, 0]
+            # NHWC: the input channels innermost, as the dot-product intrinsics read them (MetaSchedule does not
+            # tensorize an NCHW conv2d); the float graph around stays NCHW.
+            x_nhwc = relax.op.permute_dims(xq, [0, 2, 3, 1])
+            if packed and w.shape[0] % LANES == 0:
+                extra = -w.shape[1] % REDUCE  # input channels padded to a multiple of 4 with zero weights (the stem's 3)
+                if any(pad) or extra:
+                    top, left, bottom, right = pad
+                    x_nhwc = relax.op.nn.pad(x_nhwc, [0, 0, top, bottom, left, right, 0, extra], "constant", 0.0)
+                    w = np.pad(w, [(0, 0), (0, extra), (0, 0), (0, 0)])
+                acc = self.builder_.call_te(_conv2d_packed, self.builder_.emit(x_nhwc), relax.const(_pack_conv(w)), [int(v) for v in a.strides],
+                                            [int(v) for v in a.dilation], primfunc_name_hint="conv2d_nhwc_int8_packed")
+                summary.packed += 1
+            else:
+                acc = relax.op.nn.conv2d(x_nhwc, relax.const(np.ascontiguousarray(w.transpose(0, 2, 3, 1))), strides=a.strides, padding=pad,
+                                         dilation=a.dilation, data_layout="NHWC", kernel_layout="OHWI", out_dtype="int32")
+            summary.convs += 1
+            return relax.op.permute_dims(self._dequantized(acc, w, zx, sx * sw, (1, 1, 1, -1), (1, 2, 3)), [0, 3, 1, 2])
+
+        def _matmul(self, call):
+            if str(call.ty.dtype) != "float32":
+                return call
+            if instruction is None:
+                summary.keep("MatMul", "the target has no int8 dot product")
+                return call
+            act = self._activation(call.args[0])
+            wt = self._weight(call.args[1], 1)
+            for found in (act, wt):
+                if isinstance(found, str):
+                    summary.keep("MatMul", found)
+                    return call
+            (xq, sx, zx), (w, sw) = act, wt
+            if w.ndim != 2:
+                summary.keep("MatMul", f"its weight has {w.ndim} dims")
+                return call
+            xq, zx = self._input(xq, zx)
+            if packed and w.shape[1] % LANES == 0 and w.shape[0] % REDUCE == 0:
+                acc = self.builder_.call_te(_dense_packed, xq, relax.const(_pack_dense(w)), primfunc_name_hint="dense_int8_packed")
+                summary.packed += 1
+            else:
+                acc = relax.op.matmul(xq, relax.const(np.ascontiguousarray(w).astype(np.int8)), out_dtype="int32")
+            summary.matmuls += 1
+            return self._dequantized(acc, w, zx, sx * sw, (-1,), (0,))
+
+        def _dequantized(self, acc, w, zx, scale, shape, reduce_axes):
+            """float32(acc - zx * sum(w per output channel)) * scale per output channel."""
+            if zx != 0:
+                corr = (zx * w.astype(np.int64).sum(axis=reduce_axes)).astype(np.int32).reshape(shape)
+                acc = relax.op.subtract(acc, relax.const(corr))
+            return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.astype(np.float32).reshape(shape)))
+
+    rewriter = Rewriter(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    if not summary.rewritten:
+        return mod, summary
+    folded = relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewriter.builder_.get()))  # constant biases
+    return sink_transposes(folded), summary
+
+
+TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
+
+
+def sink_transposes(mod):
+    """Move each NCHW<->NHWC permute_dims below the layout-agnostic ops that read it (elementwise ops with
+    constants, per-tensor or per-channel quantize/dequantize, pad, pooling, a keepdims mean) and cancel inverse pairs,
+    so that the int8 convs' NHWC reaches from one conv to the next and transposes stay at the graph's edges."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    op = tvm.ir.Op.get
+    PERMUTE, QUANT, DEQUANT, PAD, MEAN = (op(f"relax.{n}") for n in ("permute_dims", "quantize", "dequantize", "nn.pad", "mean"))
+    UNARY = [op(f"relax.{n}") for n in ("nn.relu", "astype", "clip", "sigmoid", "tanh", "round", "negative", "abs")]
+    BINARY = [op(f"relax.{n}") for n in ("add", "subtract", "multiply", "divide", "maximum", "minimum")]
+    POOLS = {op("relax.nn.max_pool2d"): relax.op.nn.max_pool2d, op("relax.nn.avg_pool2d"): relax.op.nn.avg_pool2d}
+    ADAPTIVE = op("relax.nn.adaptive_avg_pool2d")
+
+    def is_op(call, ops):
+        return isinstance(call, relax.Call) and any(call.op.same_as(o) for o in ops)
+
+    @mutator
+    class Sinker(PyExprMutator):
+        def _bound(self, expr):
+            while isinstance(expr, relax.Var):
+                value = self.lookup_binding(expr)
+                if value is None:
+                    return expr
+                expr = value
+            return expr
+
+        def _perm(self, expr):
+            """(the NCHW<->NHWC permute_dims' input, its axes) if expr is one, else None."""
+            call = self._bound(expr)
+            if is_op(call, [PERMUTE]) and call.attrs.axes is not None and [int(a) for a in call.attrs.axes] in (TO_NCHW, TO_NHWC):
+                return call.args[0], [int(a) for a in call.attrs.axes]
+            return None
+
+        def visit_call_(self, call):
+            call = self.builder_.normalize(super().visit_call_(call))
+            if is_op(call, [PERMUTE]) and (inner := self._perm(call.args[0])) and (outer := self._perm(call)):
+                x, p = inner
+                axes = [p[q] for q in outer[1]]
+                return x if axes == list(range(4)) else relax.op.permute_dims(x, axes)
+            sunk = self._sink(call)
+            if sunk is None:
+                return call
+            inner, p = sunk
+            return relax.op.permute_dims(self.builder_.emit(inner), p)
+
+        def _sink(self, call):
+            """(the op on the un-permuted input, the permutation to apply after it), or None."""
+            if is_op(call, UNARY + [QUANT, DEQUANT, PAD, MEAN, ADAPTIVE, *POOLS]) and (found := self._perm(call.args[0])):
+                x, p = found
+                a = call.attrs
+                if is_op(call, UNARY):
+                    return relax.Call(call.op, [x, *call.args[1:]], call.attrs), p
+                if is_op(call, [QUANT, DEQUANT]):
+                    fn = relax.op.quantize if call.op.same_as(QUANT) else relax.op.dequantize
+                    return fn(x, call.args[1], call.args[2], p[int(a.axis) % 4], str(a.out_dtype)), p
+                if is_op(call, [PAD]):
+                    width = [int(v) for v in a.pad_width]
+                    return relax.op.nn.pad(x, [v for i in range(4) for v in width[2 * p.index(i):2 * p.index(i) + 2]], str(a.pad_mode), float(a.pad_value)), p
+                if is_op(call, [MEAN]):
+                    if not a.keepdims or a.axis is None:
+                        return None
+                    return relax.op.mean(x, [p[int(i) % 4] for i in a.axis], True), p
+                layouts = {"NCHW": (TO_NCHW, "NHWC"), "NHWC": (TO_NHWC, "NCHW")}  # the op's layout: (p, its layout after)
+                if str(a.layout) != str(a.out_layout) or layouts.get(str(a.layout), (None,))[0] != p:
+                    return None
+                layout = layouts[str(a.layout)][1]
+                if call.op.same_as(ADAPTIVE):
+                    return relax.op.nn.adaptive_avg_pool2d(x, a.output_size, layout, layout), p
+                return POOLS[call.op](x, a.pool_size, a.strides, a.padding, a.dilation, bool(a.ceil_mode), bool(a.count_include_pad), layout, layout), p
+            if is_op(call, BINARY):
+                perms = [self._perm(arg) for arg in call.args]
+                axes = {tuple(found[1]) for found in perms if found}
+                if len(axes) != 1:
+                    return None
+                p = list(axes.pop())
+                args = []
+                for arg, found in zip(call.args, perms):
+                    if found:
+                        args.append(found[0])
+                        continue
+                    value = _const(self._bound(arg))
+                    if value is None or value.ndim > 4:
+                        return None
+                    if not value.ndim:
+                        args.append(arg)
+                        continue
+                    value = np.transpose(value.reshape((1,) * (4 - value.ndim) + value.shape), np.argsort(p))  # rank 4, un-permuted
+                    args.append(relax.const(np.ascontiguousarray(value)))
+                return relax.Call(call.op, args, call.attrs), p
+            return None
+
+    sinker = Sinker(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            sinker.builder_.update_func(gvar, sinker.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(sinker.builder_.get())
+
+
+def dot_kernels(lowered) -> tuple[int, int]:
+    """(kernels that call the int8 dot-product instruction, int8 kernels) in a lowered module."""
+    names = [(str(g.name_hint), f) for g, f in lowered.functions_items() if "int8_packed" in str(g.name_hint)]
+    # a kernel and its weight-packing function (SplitLayoutRewritePreproc's "_weight_prepack") share the name: count
+    # the compute ones
+    kernels = [(n, f) for n, f in names if not any(w in n for w in ("layout_rewrite", "preproc", "weight_prepack"))]
+    return sum("vpdpbusd" in f.script() for _, f in kernels), len(kernels)
+
+
+def describe(summary: Int8Summary, dot: tuple[int, int] | None = None) -> str:
+    """The report's `int8 kernels` text."""
+    floats = "; ".join(f"{k} x{n}" for k, n in sorted(summary.kept_float.items()))
+    if summary.instruction is None:
+        return ("no: the target has no int8 dot product (x86 avx512vnni/avxvnni, aarch64 dotprod), so Conv/MatMul/Gemm "
+                "stay float32 on the dequantized tensors (QDQ simulated in float)" + (f"; {floats}" if floats else ""))
+    text = (f"{summary.convs} Conv and {summary.matmuls} MatMul/Gemm as int8 x int8 -> int32 (uint8 activations, int8 weights, "
+            f"requantized by the QuantizeLinear after them)")
+    if dot is not None:
+        used, total = dot
+        text += f"; {used} of {total} int8 kernels use {summary.instruction}" if total else f"; no kernel uses {summary.instruction}"
+        if used < total:
+            text += " (the others have no tuned schedule with it: build with --tune)"
+    return text + (f"; kept in float: {floats}" if floats else "")
+
+
+def apply(job) -> None:
+    """The rewrite for a QDQ model on a TVM CPU target: job.relax_mod, job.int8 and the report's int8 kernels text."""
+    from .tvm_build import make_target
+
+    job.relax_mod, job.int8 = rewrite(job.relax_mod, make_target(job.target))
+    if job.report.quantization is not None:
+        job.report.quantization.int8_kernels = describe(job.int8)
