@@ -22,9 +22,9 @@ the artifact's model.opt.onnx holds:
    passed through its QuantizeLinear/DequantizeLinear (the QDQ model's scale and zero point), its outputs' cosine to
    the float outputs on the first verification input. One ONNX Runtime session holds every candidate behind a 0/1
    switch input, and runs once per tensor. At most `scan` tensors are measured when there are more: first those
-   whose range is so stretched that most of their non-zero values quantize to zero (an attention mask's -3.4e38
-   added to the scores: their SQNR is high, since the huge values dominate the norm), then those with the lowest
-   quantization SQNR on the float activations (one run).
+   whose range is so stretched that most of their non-zero values quantize to zero or their values use at most
+   16 levels (an attention mask's -3.4e38 added to the scores: their SQNR is high, since the huge values dominate
+   the norm), then those with the lowest quantization SQNR on the float activations (one run).
 6. Protection rounds, at most `max_rounds`: round k keeps the 2^(k-1) tensors with the largest contribution in
    float, by excluding each one's producer and consumers from quantization (so the tensor itself is never
    quantized; excluding a single node leaves the tensors around it quantized for its neighbours), re-quantizes and
@@ -58,6 +58,7 @@ from .precision import (Budget, CalibrationReport, ProtectedNode, ProtectionRoun
                         metric_value)
 
 FLUSHED = 0.5  # a tensor with at least this share of its non-zero values quantized to zero is always scanned
+FEW_LEVELS = 16  # ... and so is one whose values use at most this many of the 256 quantized levels
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel) is opset 13
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -294,11 +295,13 @@ def _fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
     return (q - z) * float(scale)
 
 
-def activation_stats(prepared: onnx.ModelProto, qparams: dict, feed: dict) -> tuple[dict[str, float], dict[str, float]]:
+def activation_stats(prepared: onnx.ModelProto, qparams: dict, feed: dict) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
     """Per quantized tensor, on the float model's activations (one run): its quantization SQNR in dB (its own error,
-    not accumulated), and the share of its non-zero values that quantize to zero. A range stretched by a few huge
-    values (an attention mask's -3.4e38 added to the scores: a scale of 1e36) flushes all the others to zero while
-    the SQNR stays high, since those few values dominate the norm; the flushed share shows it."""
+    not accumulated), the share of its non-zero values that quantize to zero, and how many quantized levels its
+    values use. A range stretched by huge values (an attention mask's -3.4e38 added to the scores: a scale of 1e36)
+    flushes the real values to zero while the SQNR stays high, since the huge values dominate the norm; the flushed
+    share or the levels show it (MiniLM's masked scores: 2 levels, the real scores all flushed; with short sentences
+    the masked entries are the majority, so the flushed share alone is low)."""
     from .measure import ort_session
 
     m = onnx.ModelProto()
@@ -308,7 +311,7 @@ def activation_stats(prepared: onnx.ModelProto, qparams: dict, feed: dict) -> tu
     m.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names)
     values = ort_session(m, optimize=False).run([o.name for o in m.graph.output], feed)
     acts = dict(zip([o.name for o in m.graph.output], values))
-    sqnr, flushed = {}, {}
+    sqnr, flushed, levels = {}, {}, {}
     for t, (s, z) in qparams.items():
         x = np.asarray(acts[t], np.float64)
         xq = _fake_quant(x, s, z)
@@ -316,7 +319,9 @@ def activation_stats(prepared: onnx.ModelProto, qparams: dict, feed: dict) -> tu
         sqnr[t] = 20 * np.log10(max(float(np.linalg.norm(x)), 1e-12) / max(noise, 1e-12))
         nonzero = x != 0
         flushed[t] = float(np.mean(xq[nonzero] == 0)) if nonzero.any() else 0.0
-    return sqnr, flushed
+        info = np.iinfo(z.dtype)
+        levels[t] = int(np.unique(np.clip(np.round(x / float(s)) + float(z), info.min, info.max)).size)
+    return sqnr, flushed, levels
 
 
 
@@ -463,10 +468,11 @@ def quantize_graph(job) -> None:
             qparams = activation_qparams(qdq, prepared)
             candidates = len(qparams)
             units = list(qparams)
-            sqnr, flushed = activation_stats(prepared, qparams, feeds[0])
-            if len(units) > cfg.scan:  # the flushed tensors first (whatever their SQNR), then the lowest SQNR
-                gone = sorted((t for t in units if flushed[t] >= FLUSHED), key=lambda t: -flushed[t])
-                units = (gone + sorted((t for t in units if flushed[t] < FLUSHED), key=lambda t: sqnr[t]))[: max(cfg.scan, len(gone))]
+            sqnr, flushed, levels = activation_stats(prepared, qparams, feeds[0])
+            if len(units) > cfg.scan:  # the degenerate tensors first (whatever their SQNR), then the lowest SQNR
+                bad = {t for t in units if flushed[t] >= FLUSHED or levels[t] <= FEW_LEVELS}
+                gone = sorted(bad, key=lambda t: (levels[t], -flushed[t]))
+                units = (gone + sorted((t for t in units if t not in bad), key=lambda t: sqnr[t]))[: max(cfg.scan, len(gone))]
             note(f"int8: {budget.text} not met ({value:.4g}); measuring the contribution of {len(units)} of {candidates} tensor(s)")
             alone = contributions(prepared, units, qparams, feeds[0])
             scanned = len(alone)

@@ -184,7 +184,7 @@ def test_local_sqnr_and_contributions(tmp_path):
     """The two measures behind the protection, on the sensitive net: each tensor's own quantization SQNR (checked
     against numpy here) and its contribution (output cosine with only it quantized), which singles out 'shifted'
     where the SQNR does not (the 1e4 channel dominates its norm)."""
-    from autoglm_compile.quantize import FLUSHED, activation_qparams, activation_stats, contributions, quantize
+    from autoglm_compile.quantize import FEW_LEVELS, FLUSHED, activation_qparams, activation_stats, contributions, quantize
 
     prepared, path = prepare(sensitive_net(), per_channel=True, ir_version=8, folder=tmp_path)
     samples = load_calibration(calib_file(tmp_path / "c.npz"), [X], limit=8)
@@ -192,7 +192,7 @@ def test_local_sqnr_and_contributions(tmp_path):
     qparams = activation_qparams(qdq, prepared)
     assert set(qparams) == {"x", "r1", "shifted", "back"}
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
-    sqnr, flushed = activation_stats(prepared, qparams, feed)
+    sqnr, flushed, levels = activation_stats(prepared, qparams, feed)
     scale, zp = qparams["x"]
     x = feed["x"].astype(np.float64)
     fq = (np.clip(np.round(x / float(scale)) + float(zp), 0, 255) - float(zp)) * float(scale)
@@ -202,6 +202,7 @@ def test_local_sqnr_and_contributions(tmp_path):
     assert max(sqnr, key=sqnr.get) == "shifted"
     # ... and the flushed share does: the 1e4 channel stretches the range so that the other channels quantize to 0
     assert [t for t in qparams if flushed[t] >= FLUSHED] == ["shifted"] and flushed["x"] < 0.05
+    assert levels["shifted"] <= FEW_LEVELS < min(levels[t] for t in ("x", "r1"))
 
 
 # ------------------------------------------------------------------------------------------------------ builds
