@@ -53,6 +53,18 @@ def int8_dot_product(target) -> str | None:
     return next((instr for feat, instr in DOT_FEATURES.get(arch, []) if feat in features), None)
 
 
+
+def bound_value(mutator, expr):
+    """The value a variable is bound to, through chains of variables (a PyExprMutator's lookup_binding), else expr."""
+    from tvm import relax
+
+    while isinstance(expr, relax.Var):
+        value = mutator.lookup_binding(expr)
+        if value is None:
+            return expr
+        expr = value
+    return expr
+
 @dataclass
 class Int8Summary:
     """What `rewrite` did: ops rewritten to int8 x int8 -> int32, and those left in float with the reason."""
@@ -135,18 +147,9 @@ def rewrite(mod, target):
 
     @mutator
     class Rewriter(PyExprMutator):
-        def _bound(self, expr):
-            """The call a variable is bound to (through the dataflow block), else the expression."""
-            while isinstance(expr, relax.Var):
-                value = self.lookup_binding(expr)
-                if value is None:
-                    return expr
-                expr = value
-            return expr
-
         def _activation(self, expr):
             """(xq, sx, zx) of a per-tensor dequantize of uint8/int8 activations, or a reason it is not one."""
-            call = self._bound(expr)
+            call = bound_value(self, expr)
             if not (isinstance(call, relax.Call) and call.op.same_as(DQ)):
                 return "its input is not dequantized (kept in float)"
             xq, scale, zp = call.args
@@ -160,11 +163,11 @@ def rewrite(mod, target):
 
         def _weight(self, expr, out_axis: int):
             """(wq int64 array, scale per output channel) of a dequantized int8 constant, or a reason."""
-            call = self._bound(expr)
+            call = bound_value(self, expr)
             perm = None
             if isinstance(call, relax.Call) and call.op.same_as(PERMUTE):
                 perm = call.attrs.axes
-                call = self._bound(call.args[0])
+                call = bound_value(self, call.args[0])
             if not (isinstance(call, relax.Call) and call.op.same_as(DQ)):
                 return "its weight is not a dequantized constant (an activation)"
             w, s, z = (_const(a) for a in call.args)
@@ -315,17 +318,9 @@ def sink_transposes(mod):
 
     @mutator
     class Sinker(PyExprMutator):
-        def _bound(self, expr):
-            while isinstance(expr, relax.Var):
-                value = self.lookup_binding(expr)
-                if value is None:
-                    return expr
-                expr = value
-            return expr
-
         def _perm(self, expr):
             """(the NCHW<->NHWC permute_dims' input, its axes) if expr is one, else None."""
-            call = self._bound(expr)
+            call = bound_value(self, expr)
             if is_op(call, [PERMUTE]) and call.attrs.axes is not None and [int(a) for a in call.attrs.axes] in (TO_NCHW, TO_NHWC):
                 return call.args[0], [int(a) for a in call.attrs.axes]
             return None
@@ -377,7 +372,7 @@ def sink_transposes(mod):
                     if found:
                         args.append(found[0])
                         continue
-                    value = _const(self._bound(arg))
+                    value = _const(bound_value(self, arg))
                     if value is None or value.ndim > 4:
                         return None
                     if not value.ndim:

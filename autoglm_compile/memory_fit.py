@@ -175,13 +175,24 @@ def _static_bytes(shape, dtype) -> int | None:
     return math.prod(int(v) for v in shape.values) * ((dt.bits + 7) // 8) * dt.lanes
 
 
+def walk_stmts(stmt, fn) -> None:
+    """Call fn on every statement of a TIR body, parents first (TVM 0.27 exposes no TIR post_order_visit to Python)."""
+    import tvm
+
+    fn(stmt)
+    for attr in ("block", "body", "then_case", "else_case", "init"):
+        child = getattr(stmt, attr, None)
+        if isinstance(child, tvm.tirx.Stmt):
+            walk_stmts(child, fn)
+    for child in getattr(stmt, "seq", None) or ():
+        walk_stmts(child, fn)
+
+
 def _kernel_workspace(func) -> int:
     """Bytes of the global-scope buffers a TIR kernel allocates (SBlock alloc_buffers, AllocBuffer statements)."""
     import tvm
     from tvm.s_tir.stmt import SBlock
     from tvm.tirx.stmt import AllocBuffer
-
-    total = 0
 
     def buffer_bytes(buf) -> int:
         if buf.scope() not in ("global", ""):
@@ -191,23 +202,16 @@ def _kernel_workspace(func) -> int:
         dt = tvm.DataType(str(buf.dtype))
         return math.prod(int(d) for d in buf.shape) * ((dt.bits + 7) // 8) * dt.lanes
 
-    def walk(node) -> None:
-        nonlocal total
-        if node is None:
-            return
-        if isinstance(node, SBlock):
-            total += sum(buffer_bytes(b) for b in node.alloc_buffers)
-        elif isinstance(node, AllocBuffer):
-            total += buffer_bytes(node.buffer)
-        for attr in ("block", "body", "then_case", "else_case", "init"):
-            child = getattr(node, attr, None)
-            if isinstance(child, tvm.tirx.Stmt):
-                walk(child)
-        for child in getattr(node, "seq", None) or ():
-            walk(child)
+    buffers = []
 
-    walk(func.body)
-    return total
+    def collect(node) -> None:
+        if isinstance(node, SBlock):
+            buffers.extend(node.alloc_buffers)
+        elif isinstance(node, AllocBuffer):
+            buffers.append(node.buffer)
+
+    walk_stmts(func.body, collect)
+    return sum(buffer_bytes(b) for b in buffers)
 
 
 # The tensor allocations of a lowered Relax module: (index of the shape argument, the dtype follows it; whether the

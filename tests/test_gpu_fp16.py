@@ -50,22 +50,12 @@ def lowered(fp16: bool = False, cuda_graph: bool = False):
 
 def kernel_buffers(func) -> set[tuple[str, str]]:
     """(scope, dtype) of the buffers a TIR kernel allocates in its blocks."""
-    import tvm
     from tvm.s_tir.stmt import SBlock
 
+    from autoglm_compile.memory_fit import walk_stmts
+
     found = set()
-
-    def walk(node) -> None:
-        if isinstance(node, SBlock):
-            found.update((b.scope(), str(b.dtype)) for b in node.alloc_buffers)
-        for attr in ("block", "body", "then_case", "else_case", "init"):
-            child = getattr(node, attr, None)
-            if isinstance(child, tvm.tirx.Stmt):
-                walk(child)
-        for child in getattr(node, "seq", None) or ():
-            walk(child)
-
-    walk(func.body)
+    walk_stmts(func.body, lambda node: found.update((b.scope(), str(b.dtype)) for b in node.alloc_buffers) if isinstance(node, SBlock) else None)
     return found
 
 
