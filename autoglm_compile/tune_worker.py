@@ -18,6 +18,7 @@ SPEC.json:
     trials_per_iter  candidates measured per task and round
     tasks_per_round  tasks in one round (one MetaSchedule run; records are saved and the time checked after each)
     cost_model       "xgb" (MetaSchedule's default) or "random"
+    sweep_tiles      CUDA: first time every tile of gpu_schedules.TILES on the float16 GEMM tasks (true unless false)
     seed             search seed
 """
 from __future__ import annotations
@@ -290,8 +291,8 @@ def measure_gpu_defaults(mods, names, target, builder, runner, work_dir: str) ->
     scheduled, ok = [], []
     for mod, name in todo:
         try:
-            with target:
-                scheduled.append(schedule(mod))
+            with target:  # on a copy: DLight's ApplyDefaultSchedule writes the scheduled functions into its input
+                scheduled.append(schedule(tvm.ir.load_json(tvm.ir.save_json(mod))))
             ok.append((mod, name))
         except Exception as e:  # DLight cannot schedule it: the build would fail the same way, tuning decides
             emit("default_failed", name=name, error=str(e).strip().splitlines()[-1][:300])
@@ -310,6 +311,53 @@ def measure_gpu_defaults(mods, names, target, builder, runner, work_dir: str) ->
             continue
         times[name] = sum(float(x) for x in res.run_secs) / len(res.run_secs) * 1e6
         emit("default", name=name, us=times[name])
+    os.makedirs(work_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(times, f, indent=1)
+
+
+GPU_TILES = "tiles_gpu.json"  # in work_dir: {task: {tile: µs}} of sweep_gpu_tiles
+
+
+def sweep_gpu_tiles(mods, names, target, builder, runner, database, work_dir: str) -> None:
+    """Time every tile of gpu_schedules.TILES on each float16 tensor-core GEMM task and put the fastest in the
+    database (its schedule's trace), before the search: five candidates per task, where an untuned build takes
+    gpu_schedules.DEFAULT_TILE everywhere and MetaSchedule's search reaches a few trials per task in minutes. No tile
+    is best on every GEMM (docs/benchmarks.md). Times go to work_dir/tiles_gpu.json; tasks already there are
+    skipped."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    from .gpu_schedules import tile_candidates
+
+    path = os.path.join(work_dir, GPU_TILES)
+    try:
+        with open(path) as f:
+            times = json.load(f)
+    except (OSError, ValueError):
+        times = {}
+    cands = [(i, f"{t.rows}x{t.cols}k{16 * t.k_frags}", sch) for i, (mod, name) in enumerate(zip(mods, names)) if name not in times
+             for t, sch in tile_candidates(mod["main"], target)]
+    if not cands:
+        return
+    built = builder.build([BuilderInput(sch.mod, target) for _, _, sch in cands])
+    args = {i: ArgInfo.from_entry_func(mods[i], remove_preproc=True) for i in {c[0] for c in cands}}
+    ok = [(c, b) for c, b in zip(cands, built) if b.error_msg is None]
+    futures = runner.run([RunnerInput(b.artifact_path, target.kind.name, args[c[0]]) for c, b in ok])
+    best = {}
+    for ((i, tile, sch), _), future in zip(ok, futures):
+        res = future.result()
+        if res.error_msg is not None or not res.run_secs:
+            continue
+        secs = [float(x) for x in res.run_secs]
+        times.setdefault(names[i], {})[tile] = sum(secs) / len(secs) * 1e6
+        if i not in best or sum(secs) < sum(best[i][1]):
+            best[i] = (sch, secs)
+    for i, (sch, secs) in best.items():
+        database.commit_tuning_record(TuningRecord(sch.trace, database.commit_workload(mods[i]), secs, target, args[i]))
+        emit("tiles", name=names[i], us=times[names[i]])
     os.makedirs(work_dir, exist_ok=True)
     with open(path, "w") as f:
         json.dump(times, f, indent=1)
@@ -363,6 +411,8 @@ def run(spec: dict) -> None:
     emit("start", tasks=len(names), names=names)
     if target.kind.name != "llvm" and spec.get("measure_defaults_gpu", True):
         measure_gpu_defaults(mods, names, target, builder, runner, work_dir)
+    if target.kind.name == "cuda" and spec.get("sweep_tiles", True):
+        sweep_gpu_tiles(mods, names, target, builder, runner, database, work_dir)
     stopped_by_time = False
     rounds = 0
     rounds_start = time.monotonic()

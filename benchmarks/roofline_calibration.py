@@ -10,7 +10,7 @@ Two commands:
       Print the estimate of the optimized graph for each target (B replaces the descriptor's bandwidth).
 
   gpu-build MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100] [-O O3] [--precision fp16 [--fp16 graph|graph32|relax]]
-            [--cuda-graph]
+            [--cuda-graph] [--tile ROWSxCOLS]
       Build for a CUDA target here, with the weights kept as parameters (graph inputs) so that the library holds
       code only and fits the GPU machine's 64 MiB transfer limit. Writes OUT_DIR/{model.so, graph.onnx, meta.json}:
       graph.onnx is the optimized graph with the weights as inputs (for the ONNX Runtime reference there), and
@@ -73,6 +73,10 @@ def gpu_build(args) -> None:
 
     desc = resolve_target(args.target)
     check_toolchain(desc)
+    if args.tile:
+        from autoglm_compile import gpu_schedules
+
+        gpu_schedules.DEFAULT_TILE = {f"{t.rows}x{t.cols}": t for t in gpu_schedules.TILES}[args.tile]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -252,6 +256,7 @@ def main() -> None:
     g.add_argument("--tuning-db", help="schedule with this tuning database (the 'tune' strategy); default schedules otherwise")
     g.add_argument("--tune-export", help="with --tuning-db: write the tasks missing from it here, for tune_worker on the GPU")
     g.add_argument("--variant", help="a label for this build in the benchmark tables")
+    g.add_argument("--tile", help="ROWSxCOLS: every float16 tensor-core GEMM untuned gets this tile of gpu_schedules.TILES (default: DEFAULT_TILE)")
     e = sub.add_parser("estimate")
     e.add_argument("model")
     e.add_argument("--dim", action="append", default=[])
