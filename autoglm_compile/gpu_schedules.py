@@ -119,10 +119,9 @@ def wmma_schedule(func, tile: Tile):
     frag_b = sch.cache_read(outer, 1, "wmma.matrix_b")
     sch.compute_at(frag_a, k_step)
     sch.compute_at(frag_b, k_step)
-    # The accumulators go through shared memory to the epilogue. DLight stages them in dynamic shared memory; with a
-    # tile smaller than its own, TVM 0.27's lowering then fails ("tvm_access_ptr element type must match the source
-    # buffer": the float32 stage and the float16 operand stages merged into one buffer), so those stage in static
-    # shared memory.
+    # The accumulators go through shared memory to the epilogue. DLight stages them in dynamic shared memory, beside
+    # the operand stages; with most smaller tiles TVM 0.27's lowering then fails (LowerIntrin: "tvm_access_ptr
+    # element type must match the source buffer", float16 vs float32), so those stage in static shared memory.
     out_scope = "shared" if tile.static_out else "shared.dyn"
     out_shared = sch.cache_write(outer, 0, out_scope)
     sch.storage_align(out_shared, 0, -2, 16, 4)
