@@ -62,20 +62,14 @@ def wmma_schedule(func, tile: Tile):
     when the intrinsics do not match it."""
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import get_root_block
-    from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers, get_index_map, get_reduction_blocks
+    from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers, get_reduction_blocks
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
     warp, vector = 32, 4
     sch = s_tir.Schedule(func)
     main = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))[0]
-    # C[S, I, J] += A[S, I, K] * B[S, J, K], padded to whole block tiles.
-    reindexed = [sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1)), sch.reindex(main, ("write", 0))]
-    gemm, a_map, b_map, c_map = get_index_map(sch.get(main))
-    sch.transform_layout(reindexed[0], ("write", 0), a_map)
-    sch.transform_layout(reindexed[1], ("write", 0), b_map)
-    sch.transform_layout(reindexed[2], ("read", 0), c_map)
-    sch.transform_block_layout(main, gemm)
-    sch.pad_einsum(main, [1, tile.rows, tile.cols, FRAG * tile.k_frags])
+    _normalize(sch, main)
+    sch.pad_einsum(main, [1, tile.rows, tile.cols, FRAG * tile.k_frags])  # whole block tiles
 
     batch, i, j, k = sch.get_loops(main)
     i, i_frag = sch.split(i, [None, FRAG])
@@ -152,6 +146,18 @@ def wmma_schedule(func, tile: Tile):
     return None
 
 
+def _normalize(sch, main) -> None:
+    """The GEMM block `main` rewritten to C[S, I, J] += A[S, I, K] * B[S, J, K] (DLight's reindexing)."""
+    from tvm.s_tir.dlight.gpu.matmul import get_index_map
+
+    reindexed = [sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1)), sch.reindex(main, ("write", 0))]
+    gemm, a_map, b_map, c_map = get_index_map(sch.get(main))
+    sch.transform_layout(reindexed[0], ("write", 0), a_map)
+    sch.transform_layout(reindexed[1], ("write", 0), b_map)
+    sch.transform_layout(reindexed[2], ("read", 0), c_map)
+    sch.transform_block_layout(main, gemm)
+
+
 def _by_fragment(sch, block):
     """The block's last two loops split into 16 x 16 fragments: (outer row, outer column, fragment row) loops."""
     r, c = sch.get_loops(block)[-2:]
@@ -176,12 +182,7 @@ def tensor_core_gemm(func, target) -> tuple[int, int, int, int] | None:
     if blocks is None or not get_index_map(sch.get(blocks[0])):
         return None
     main = blocks[0]
-    reindexed = [sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1)), sch.reindex(main, ("write", 0))]
-    gemm, a_map, b_map, c_map = get_index_map(sch.get(main))
-    sch.transform_layout(reindexed[0], ("write", 0), a_map)
-    sch.transform_layout(reindexed[1], ("write", 0), b_map)
-    sch.transform_layout(reindexed[2], ("read", 0), c_map)
-    sch.transform_block_layout(main, gemm)
+    _normalize(sch, main)
     block = sch.get(main)
     extents = [iv.dom.extent for iv in block.iter_vars]
     if get_in_out_dtypes(block)[0] != "float16" or not all(isinstance(e, tirx.IntImm) for e in extents):
