@@ -252,6 +252,21 @@ def measure_defaults(mods, indices, target, builder, runner, database, state: _S
         emit("default", task=indices[i], name=state.names[indices[i]], us=secs * 1e6)
 
 
+def _read_times(path: str) -> dict:
+    """The JSON of a times file in the work folder, or {} when there is none yet."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_times(path: str, times: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(times, f, indent=1)
+
+
 GPU_DEFAULTS = "defaults_gpu.json"  # in work_dir: {task: µs of the default GPU schedule (DLight)}
 
 
@@ -279,11 +294,7 @@ def measure_gpu_defaults(mods, names, target, builder, runner, work_dir: str) ->
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
     path = os.path.join(work_dir, GPU_DEFAULTS)
-    try:
-        with open(path) as f:
-            times = json.load(f)
-    except (OSError, ValueError):
-        times = {}
+    times = _read_times(path)
     todo = [(m, n) for m, n in zip(mods, names) if n not in times]
     if not todo:
         return
@@ -311,9 +322,7 @@ def measure_gpu_defaults(mods, names, target, builder, runner, work_dir: str) ->
             continue
         times[name] = sum(float(x) for x in res.run_secs) / len(res.run_secs) * 1e6
         emit("default", name=name, us=times[name])
-    os.makedirs(work_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(times, f, indent=1)
+    _write_times(path, times)
 
 
 GPU_TILES = "tiles_gpu.json"  # in work_dir: {task: {tile: µs}} of sweep_gpu_tiles
@@ -333,11 +342,7 @@ def sweep_gpu_tiles(mods, names, target, builder, runner, database, work_dir: st
     from .gpu_schedules import tile_candidates
 
     path = os.path.join(work_dir, GPU_TILES)
-    try:
-        with open(path) as f:
-            times = json.load(f)
-    except (OSError, ValueError):
-        times = {}
+    times = _read_times(path)
     cands = [(i, f"{t.rows}x{t.cols}k{16 * t.k_frags}", sch) for i, (mod, name) in enumerate(zip(mods, names)) if name not in times
              for t, sch in tile_candidates(mod["main"], target)]
     if not cands:
@@ -358,9 +363,7 @@ def sweep_gpu_tiles(mods, names, target, builder, runner, database, work_dir: st
     for i, (sch, secs) in best.items():
         database.commit_tuning_record(TuningRecord(sch.trace, database.commit_workload(mods[i]), secs, target, args[i]))
         emit("tiles", name=names[i], us=times[names[i]])
-    os.makedirs(work_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(times, f, indent=1)
+    _write_times(path, times)
 
 
 def run(spec: dict) -> None:
