@@ -17,16 +17,19 @@ per tensor or per output channel; activations uint8 (or int8) per tensor. The in
 innermost: MetaSchedule does not tensorize an NCHW conv2d), between two transposes; `sink_transposes` then moves
 those transposes down through the layout-agnostic ops (bias add, relu, quantize/dequantize, residual add, pooling) and
 cancels inverse pairs, so the graph is NHWC from conv to conv and the elementwise chains fuse into the conv epilogues
-(ResNet-50: 106 transposes -> 2, at the input and the output). Grouped and depthwise convs and matmuls of two
-activations (attention) stay float.
+(ResNet-50: 106 transposes -> 2, at the input and the output). A matmul of two dequantized activations (attention)
+becomes int8 too, its zero points corrected with row and column sums at run time. Grouped and depthwise convs stay
+float. Scalar scales and zero points become one-element vectors (`singleton_qparams`), so that like layers share
+their kernels and tuning tasks.
 
 VNNI (x86): activations stay uint8 (vpdpbusd multiplies uint8 by int8). MetaSchedule picks its VNNI rule from the
 target's features (space_generator.cc: avx512vnni or avxvnni -> MultiLevelTilingWithIntrin with "dot_16x4_vnni"),
 but that intrinsic reads its weight operand as one contiguous 16x4 block, which an OHWI or [K, N] weight is not (its
-RewriteLayout postproc runs after tensorize, too late). So where the channels allow (16 | output, 4 | input) the
-kernel is a TE compute over a weight packed at build time, [O/16, KH, KW, I/4, 16, 4] ([N/16, K/4, 16, 4] for a
-matmul), the layout of topi's old conv2d_NCHWc_int8; input channels that are not a multiple of 4 (a stem's 3) are
-padded with zero weights. The others are plain int8 conv2d/matmul without vpdpbusd.
+RewriteLayout postproc runs after tensorize, too late). So the kernel is a TE compute over a weight packed at build
+time, [O/16, KH, KW, I/4, 16, 4] ([N/16, K/4, 16, 4] for a matmul), the layout of topi's old conv2d_NCHWc_int8; a
+conv's input channels that are not a multiple of 4 (a stem's 3) and output channels that are not a multiple of 16 (the
+PP-OCRv4 detector's 24) are padded with zero weights, the extra outputs sliced off. Matmuls whose dims do not allow it
+are plain int8 matmuls without vpdpbusd.
 Tuning (--tune) then emits vpdpbusd; untuned default schedules do not. aarch64 (dotprod): activations are shifted to
 int8 (xq - 128, zx - 128: exact) for sdot, with plain int8 ops; sdot emission there is not verified.
 """
@@ -73,6 +76,7 @@ class Int8Summary:
     convs: int = 0
     matmuls: int = 0
     packed: int = 0  # of those, with the weight packed in blocks that the dot-product instruction reads
+    activation_matmuls: int = 0  # of the matmuls, those of two activations (attention)
     kept_float: dict[str, int] = field(default_factory=dict)  # "Conv: reason" -> count
 
     @property
@@ -110,6 +114,18 @@ def _dense_packed(a, wp):
         name="dense_int8")
 
 
+def _batch_matmul_packed(a, bp):
+    """int32 [..., M, N] = a [..., M, K] (uint8) x bp [..., N/16, K/4, 16, 4] (int8, packed at run time), batch dims
+    alike."""
+    from tvm import te
+
+    k = te.reduce_axis((0, a.shape[-1]), "k")
+    batch = len(bp.shape) - 4
+    return te.compute((*a.shape[:-1], bp.shape[-4] * LANES), lambda *i: te.sum(
+        a[(*i[:-1], k)].astype("int32") * bp[(*i[:batch], i[-1] // LANES, k // REDUCE, i[-1] % LANES, k % REDUCE)].astype("int32"), axis=k),
+        name="batch_matmul_int8")
+
+
 def _conv2d_packed(x, wp, strides, dilation):
     """int32 NHWC = conv2d of x (NHWC uint8, padded already) with the packed weight."""
     from tvm import te
@@ -132,9 +148,11 @@ def _const(expr) -> np.ndarray | None:
 
 def rewrite(mod, target):
     """(mod with int8 Conv/MatMul where the target has an int8 dot product, Int8Summary). Without one the module is
-    returned as it is, and the summary counts every Conv/MatMul as float."""
+    returned as it is, and the summary counts every Conv/MatMul as float. With it, float32 erf and softmax become
+    topi's fast_erf and fast_softmax too (vectorizable polynomials; LLVM calls libm's erff/expf per element, which made
+    BERT-base's GELU 64 % of the int8 run); their outputs are requantized to 8 bits anyway."""
     import tvm
-    from tvm import relax
+    from tvm import relax, topi
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     instruction = int8_dot_product(target)
@@ -144,12 +162,18 @@ def rewrite(mod, target):
     op = tvm.ir.Op.get
     CONV, MATMUL, DQ, PERMUTE = op("relax.nn.conv2d"), op("relax.matmul"), op("relax.dequantize"), op("relax.permute_dims")
     OTHER_CONVS = (op("relax.nn.conv1d"), op("relax.nn.conv3d"))
+    ERF, SOFTMAX = op("relax.erf"), op("relax.nn.softmax")
 
     @mutator
     class Rewriter(PyExprMutator):
-        def _activation(self, expr):
-            """(xq, sx, zx) of a per-tensor dequantize of uint8/int8 activations, or a reason it is not one."""
+        def _activation(self, expr, permuted: bool = False):
+            """(xq, sx, zx) of a per-tensor dequantize of uint8/int8 activations, or a reason it is not one. permuted:
+            also through a permute_dims after the dequantize (then applied to xq: per tensor, it commutes)."""
             call = bound_value(self, expr)
+            axes = None
+            if permuted and isinstance(call, relax.Call) and call.op.same_as(PERMUTE):
+                axes = call.attrs.axes
+                call = bound_value(self, call.args[0])
             if not (isinstance(call, relax.Call) and call.op.same_as(DQ)):
                 return "its input is not dequantized (kept in float)"
             xq, scale, zp = call.args
@@ -159,6 +183,8 @@ def rewrite(mod, target):
             dtype = xq.ty.dtype
             if dtype not in ("uint8", "int8"):
                 return f"its input is {dtype}"
+            if axes is not None:
+                xq = self.builder_.emit(relax.op.permute_dims(xq, axes))
             return xq, float(s.reshape(())), int(z.reshape(()))
 
         def _weight(self, expr, out_axis: int):
@@ -208,6 +234,10 @@ def rewrite(mod, target):
                 return self._matmul(call)
             if any(call.op.same_as(o) for o in OTHER_CONVS):
                 summary.keep("Conv", "not 2-D (only conv2d is rewritten)")
+            if call.op.same_as(ERF) and str(call.ty.dtype) == "float32":  # LLVM calls libm's erff per element
+                return self.builder_.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="fast_erf")
+            if call.op.same_as(SOFTMAX) and str(call.ty.dtype) == "float32":  # and expf
+                return self.builder_.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="fast_softmax")
             return call
 
         def _conv(self, call):
@@ -238,14 +268,17 @@ def rewrite(mod, target):
             # NHWC: the input channels innermost, as the dot-product intrinsics read them (MetaSchedule does not
             # tensorize an NCHW conv2d); the float graph around stays NCHW.
             x_nhwc = relax.op.permute_dims(xq, [0, 2, 3, 1])
-            if packed and w.shape[0] % LANES == 0:
+            if packed:
                 extra = -w.shape[1] % REDUCE  # input channels padded to a multiple of 4 with zero weights (the stem's 3)
+                lanes = -w.shape[0] % LANES  # output channels padded to a multiple of 16 with zero weights, sliced off after
                 if any(pad) or extra:
                     top, left, bottom, right = pad
                     x_nhwc = relax.op.nn.pad(x_nhwc, [0, 0, top, bottom, left, right, 0, extra], "constant", 0.0)
-                    w = np.pad(w, [(0, 0), (0, extra), (0, 0), (0, 0)])
-                acc = self.builder_.call_te(_conv2d_packed, self.builder_.emit(x_nhwc), relax.const(_pack_conv(w)), [int(v) for v in a.strides],
+                wp = _pack_conv(np.pad(w, [(0, lanes), (0, extra), (0, 0), (0, 0)]))
+                acc = self.builder_.call_te(_conv2d_packed, self.builder_.emit(x_nhwc), relax.const(wp), [int(v) for v in a.strides],
                                             [int(v) for v in a.dilation], primfunc_name_hint="conv2d_nhwc_int8_packed")
+                if lanes:
+                    acc = relax.op.strided_slice(acc, axes=[3], begin=[0], end=[w.shape[0]])
                 summary.packed += 1
             else:
                 acc = relax.op.nn.conv2d(x_nhwc, relax.const(np.ascontiguousarray(w.transpose(0, 2, 3, 1))), strides=a.strides, padding=pad,
@@ -261,6 +294,9 @@ def rewrite(mod, target):
                 return call
             act = self._activation(call.args[0])
             wt = self._weight(call.args[1], 1)
+            if not isinstance(act, str) and isinstance(wt, str) and not isinstance(other := self._activation(call.args[1], permuted=True), str):
+                both = self._matmul_activations(*act, *other)
+                return call if both is None else both
             for found in (act, wt):
                 if isinstance(found, str):
                     summary.keep("MatMul", found)
@@ -278,6 +314,41 @@ def rewrite(mod, target):
             summary.matmuls += 1
             return self._dequantized(acc, w, zx, sx * sw, (-1,), (0,))
 
+        def _matmul_activations(self, aq, sa, za, bq, sb, zb):
+            """int8 x int8 -> int32 matmul of two dequantized activations (attention), B shifted to int8 and, with
+            VNNI, packed in 16x4 blocks at run time; zero points from the row sums of A and the column sums of B:
+            acc = sum(a b) - zb sum_k(a) - za sum_k(b) + K za zb."""
+            if aq.ty.ndim < 2 or bq.ty.ndim != aq.ty.ndim or any(not isinstance(d, tvm.tirx.IntImm) for d in (*aq.ty.shape, *bq.ty.shape)):
+                summary.keep("MatMul", "two activations of unlike or dynamic shapes")
+                return None
+            (*batch, _, k), (*batch_b, _, n) = ([int(d) for d in t.ty.shape] for t in (aq, bq))
+            if batch != batch_b:
+                summary.keep("MatMul", "two activations with broadcast batch dims")
+                return None
+            aq, za = self._input(aq, za)
+            if bq.ty.dtype == "uint8":
+                bq, zb = relax.op.astype(relax.op.subtract(relax.op.astype(bq, "int16"), relax.const(128, "int16")), "int8"), zb - 128
+            if packed and n % LANES == 0 and k % REDUCE == 0:
+                nb = len(batch)
+                blocks = relax.op.reshape(bq, [*batch, k // REDUCE, REDUCE, n // LANES, LANES])
+                bp = relax.op.permute_dims(blocks, [*range(nb), nb + 2, nb, nb + 3, nb + 1])
+                acc = self.builder_.call_te(_batch_matmul_packed, aq, self.builder_.emit(bp), primfunc_name_hint="batch_matmul_int8_packed")
+                summary.packed += 1
+            else:
+                acc = relax.op.matmul(aq, bq, out_dtype="int32")
+            summary.matmuls += 1
+            summary.activation_matmuls += 1
+
+            def vector(value, dtype):  # not a scalar, which TVM inlines: like layers share their kernels (singleton_qparams)
+                return relax.const(np.array([value], dtype))
+
+            corr = vector(k * za * zb, "int32")
+            if zb:
+                corr = relax.op.subtract(corr, relax.op.multiply(vector(zb, "int32"), relax.op.sum(relax.op.astype(aq, "int32"), axis=[-1], keepdims=True)))
+            if za:
+                corr = relax.op.subtract(corr, relax.op.multiply(vector(za, "int32"), relax.op.sum(relax.op.astype(bq, "int32"), axis=[-2], keepdims=True)))
+            return relax.op.multiply(relax.op.astype(relax.op.add(acc, corr), "float32"), vector(sa * sb, "float32"))
+
         def _dequantized(self, acc, w, zx, scale, shape, reduce_axes):
             """float32(acc - zx * sum(w per output channel)) * scale per output channel."""
             if zx != 0:
@@ -292,7 +363,33 @@ def rewrite(mod, target):
     if not summary.rewritten:
         return mod, summary
     folded = relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewriter.builder_.get()))  # constant biases
-    return sink_transposes(folded), summary
+    return singleton_qparams(sink_transposes(folded)), summary
+
+
+def singleton_qparams(mod):
+    """Each quantize/dequantize's scalar scale and zero point as a one-element vector. TVM's legalization inlines a
+    scalar constant into the kernel, so each tensor's scale made its kernels distinct tuning tasks (BERT-base: the 12
+    layers' kernels all different, 217 tasks); read from a buffer, the kernels of like layers are one task."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    QDQ = (tvm.ir.Op.get("relax.quantize"), tvm.ir.Op.get("relax.dequantize"))
+
+    @mutator
+    class Vectorizer(PyExprMutator):
+        def visit_call_(self, call):
+            call = self.builder_.normalize(super().visit_call_(call))
+            if not any(call.op.same_as(o) for o in QDQ):
+                return call
+            params = [relax.const(v.reshape(1)) if (v := _const(p)) is not None and v.ndim == 0 else p for p in call.args[1:]]
+            return relax.Call(call.op, [call.args[0], *params], call.attrs)
+
+    vectorizer = Vectorizer(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            vectorizer.builder_.update_func(gvar, vectorizer.visit_expr(func))
+    return vectorizer.builder_.get()
 
 
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
@@ -405,7 +502,8 @@ def describe(summary: Int8Summary, dot: tuple[int, int] | None = None) -> str:
     if summary.instruction is None:
         return ("no: the target has no int8 dot product (x86 avx512vnni/avxvnni, aarch64 dotprod), so Conv/MatMul/Gemm "
                 "stay float32 on the dequantized tensors (QDQ simulated in float)" + (f"; {floats}" if floats else ""))
-    text = (f"{summary.convs} Conv and {summary.matmuls} MatMul/Gemm as int8 x int8 -> int32 (uint8 activations, int8 weights, "
+    both = f", {summary.activation_matmuls} of them of two activations" if summary.activation_matmuls else ""
+    text = (f"{summary.convs} Conv and {summary.matmuls} MatMul/Gemm{both} as int8 x int8 -> int32 (uint8 activations, int8 weights, "
             f"requantized by the QuantizeLinear after them)")
     if dot is not None:
         used, total = dot

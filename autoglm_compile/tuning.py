@@ -390,13 +390,15 @@ def _phases(target, weight_prepack: bool = False):
     static_shape_tuning pipeline does with cpu_weight_prepack (there with LiftTransformParams, since its weights are
     parameters; ours are bound constants)."""
     if target.kind.name == "llvm":
+        import tvm
         from tvm import relax
         from tvm.relax.backend.cpu_generic import pipeline as p
 
         before = p.library_dispatch_passes(target) + p.legalize_passes(target)
         after = p.dataflow_lower_passes(target) + p.finalize_passes(target)
         if weight_prepack:
-            before.append(relax.transform.AttachAttrLayoutFreeBuffers())
+            before += [relax.transform.AttachAttrLayoutFreeBuffers(),
+                       tvm.transform.module_pass(_fixed_layout_of_transformed_weights, opt_level=0, name="FixedLayoutOfTransformedWeights")]
             after = [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()] + after
         return before, after
     from tvm.relax.backend.cuda import pipeline as p
@@ -405,6 +407,26 @@ def _phases(target, weight_prepack: bool = False):
 
     legalize, default_schedules = gpu_legalize_passes(target)
     return p.library_dispatch_passes(target) + legalize, default_schedules + p.dataflow_lower_passes(target) + p.finalize_passes(target)
+
+
+def _fixed_layout_of_transformed_weights(mod, _ctx):
+    """No layout-free weights in kernels that transform a weight in a block of their own (topi's conv2d_transpose:
+    "kernel_transform"): the layout MetaSchedule picks for them, once folded into the constant by
+    SplitLayoutRewritePreproc, gave wrong results (the PP-OCRv4 detector's transposed convs: an output of all ones)."""
+    import tvm
+    from tvm.s_tir.stmt import SBlock
+
+    from .memory_fit import walk_stmts
+
+    funcs = dict(mod.functions_items())
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or "layout_free_buffers" not in (func.attrs or {}):
+            continue
+        names = []
+        walk_stmts(func.body, lambda s: names.append(str(s.name_hint)) if isinstance(s, SBlock) else None)
+        if "kernel_transform" in names:
+            funcs[gvar] = func.without_attr("layout_free_buffers")
+    return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 def export_tasks(folder: Path, tasks, target, tune, trials: int, spent: dict[str, int]) -> Path:

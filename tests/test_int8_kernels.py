@@ -118,20 +118,23 @@ def test_int8_dot_product_from_target_features(target, instruction):
     assert int8_dot_product(tvm.target.Target(target)) == instruction
 
 
-def test_vnni_rule_emits_vpdpbusd():
-    """MetaSchedule's VNNI rule (picked from the target's avx512vnni) tensorizes the packed int8 dense, and the
-    re-registered dot_16x4_vnni builds with this LLVM (TVM's own fails to: <16 x i32> operands)."""
+@pytest.mark.parametrize("kernel, shape_a, shape_w", [("_dense_packed", (4, 64), (2, 16, 16, 4)),
+                                                      ("_batch_matmul_packed", (1, 2, 8, 64), (1, 2, 2, 16, 16, 4))])
+def test_vnni_rule_emits_vpdpbusd(kernel, shape_a, shape_w):
+    """MetaSchedule's VNNI rule (picked from the target's avx512vnni) tensorizes the packed int8 dense and the
+    batched matmul of two activations, and the re-registered dot_16x4_vnni builds with this LLVM (TVM's own fails
+    to: <16 x i32> operands)."""
     import tvm
     from tvm import te
     from tvm.s_tir import meta_schedule as ms
 
-    from autoglm_compile.int8_kernels import _dense_packed
+    from autoglm_compile import int8_kernels
     from autoglm_compile.tune_worker import build_candidate, import_tensor_intrinsics
 
     import_tensor_intrinsics()
     target = tvm.target.Target({**VNNI, "num-cores": 2})
-    a, wp = te.placeholder((4, 64), "uint8", "a"), te.placeholder((2, 16, 16, 4), "int8", "wp")
-    func = te.create_prim_func([a, wp, _dense_packed(a, wp)])
+    a, wp = te.placeholder(shape_a, "uint8", "a"), te.placeholder(shape_w, "int8", "wp")
+    func = te.create_prim_func([a, wp, getattr(int8_kernels, kernel)(a, wp)])
     built = []
     for seed in range(8):  # a sampled vectorization can fail to build on a shape this small (as in tuning): try others
         ctx = ms.TuneContext(mod=tvm.IRModule({"main": func}), target=target, space_generator="post-order-apply",
@@ -213,3 +216,167 @@ def test_dot_kernels_counts_compute_kernels_only():
     mod = tvm.IRModule({"fused_conv2d_nhwc_int8_packed3_cast": func, "fused_conv2d_nhwc_int8_packed3_cast_weight_prepack": func,
                         "fused_add_quantize": func})
     assert dot_kernels(mod) == (0, 1)
+
+
+def test_singleton_qparams_share_tuning_tasks():
+    """Two requantizes of like tensors with different scales and zero points: with scalar constants (inlined by TVM's
+    legalization) they are two tuning tasks; with one-element vectors, one task, and the same results."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from autoglm_compile.int8_kernels import singleton_qparams
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            outs = []
+            for scale, zp in ((0.05, 3), (0.02, 140)):
+                q = bb.emit(relax.op.quantize(x, relax.const(scale, "float32"), relax.const(zp, "uint8"), 1, "uint8"))
+                outs.append(bb.emit(relax.op.dequantize(q, relax.const(scale, "float32"), relax.const(zp, "uint8"), 1)))
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    vectors = singleton_qparams(mod)
+    assert "R.const(0.05" in mod.script() and "R.const(0.05" not in vectors.script()
+    target = tvm.target.Target({"kind": "llvm"})
+    fuse = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(), relax.transform.FuseTIR()])
+    tasks = [ms.relax_integration.extract_tasks(fuse(m), target) for m in (mod, vectors)]
+    quantizers = [[t for t in ts if "quantize" in t.task_name] for ts in tasks]
+    assert [len(q) for q in quantizers] == [2, 1] and int(quantizers[1][0].weight) == 2
+    data = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    results = []
+    for m in (mod, vectors):
+        ex = relax.build(relax.get_default_pipeline(target)(m), target, relax_pipeline=None)
+        results.append([t.numpy() for t in relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(data))])
+    np.testing.assert_array_equal(results[0], results[1])
+    assert not np.array_equal(results[1][0], results[1][1])  # each kept its own scale
+
+
+def _quantized(tmp_path, model, feeds) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    onnx.save(model, str(tmp_path / "f.onnx"))
+
+    class Data(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Data(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    return onnx.load(str(tmp_path / "q.onnx"))
+
+
+@pytest.mark.parametrize("n", [16, 12])  # 16: B packed for vpdpbusd at run time; 12: a plain int8 matmul
+def test_attention_matmul_of_two_activations_matches_onnxruntime(tmp_path, n):
+    """Attention's MatMul(Q, Transpose(K)) with both inputs dequantized activations (non-zero zero points) becomes
+    int8 x int8 -> int32, and agrees with ONNX Runtime's QLinearMatMul on the same QDQ model within one output step."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    nodes = [helper.make_node("Relu", ["q"], ["qr"]), helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["qr", "kt"], ["y"])]
+    shape_q, shape_k = [1, 2, 8, 32], [1, 2, n, 32]
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, shape_q), helper.make_tensor_value_info("k", TensorProto.FLOAT, shape_k)]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, n])
+    rng = np.random.default_rng(0)
+    draw = lambda: {"q": rng.standard_normal(shape_q).astype(np.float32) + 0.3, "k": rng.standard_normal(shape_k).astype(np.float32) + 0.5}
+    model = _quantized(tmp_path, make_model([*nodes], inputs, [out], opset=13), [draw() for _ in range(8)])
+    mod, summary = rewrite(from_onnx(model, shape_dict={"q": shape_q, "k": shape_k}, keep_params_in_input=False), tvm.target.Target(VNNI))
+    assert (summary.matmuls, summary.activation_matmuls, summary.packed) == (1, 1, int(n % 16 == 0)) and not summary.kept_float
+    main = mod["main"].script()
+    assert "R.matmul(" not in main or 'out_dtype="int32"' in main
+    assert ("batch_matmul_int8_packed" in main) == (n % 16 == 0)
+    target = tvm.target.Target({"kind": "llvm"})
+    from tvm import relax
+
+    ex = relax.build(relax.get_default_pipeline(target)(mod), target, relax_pipeline=None)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    step = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "y_scale")))
+    for _ in range(3):
+        feeds = draw()
+        ours, ort = vm["main"](tvm.runtime.tensor(feeds["q"]), tvm.runtime.tensor(feeds["k"])).numpy(), run_ort(model, feeds)[0]
+        np.testing.assert_allclose(ours, ort, rtol=0, atol=step * 1.001)
+        assert np.mean(np.abs(ours - ort) < step * 1e-3) > 0.9
+
+
+def test_erf_and_softmax_become_fast_math(tmp_path):
+    """Dense -> GELU's Erf -> Softmax, quantized: erf and softmax become topi's fast_erf / fast_softmax (LLVM lowers
+    erf and exp to a libm call per element), and the output still agrees with ONNX Runtime's int8 within one step."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32) * 0.3, "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Erf", ["h"], ["e"]),
+             helper.make_node("Split", ["e"], ["e1", "e2"], axis=-1, num_outputs=2),  # a call of tuple type in between
+             helper.make_node("Concat", ["e2", "e1"], ["c"], axis=-1), helper.make_node("Softmax", ["c"], ["y"], axis=-1)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32])
+    draw = lambda: {"x": rng.standard_normal((1, 8, 32)).astype(np.float32)}
+    model = _quantized(tmp_path, make_model(nodes, [x], [y], [w], opset=18), [draw() for _ in range(8)])
+    mod, summary = rewrite(from_onnx(model, shape_dict={"x": [1, 8, 32]}, keep_params_in_input=False), tvm.target.Target(VNNI))
+    main = mod["main"].script()
+    assert summary.matmuls == 1 and "fast_erf" in main and "fast_softmax" in main
+    assert "R.erf(" not in main and "R.nn.softmax(" not in main
+    target = tvm.target.Target({"kind": "llvm"})
+    vm = relax.VirtualMachine(relax.build(relax.get_default_pipeline(target)(mod), target, relax_pipeline=None), tvm.cpu())
+    step = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "y_scale")))
+    for _ in range(3):
+        feeds = draw()
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(feeds["x"])).numpy(), run_ort(model, feeds)[0], rtol=0, atol=step * 1.001)
+
+
+def test_prepack_leaves_transposed_conv_weights_alone():
+    """With weight prepacking (on for the int8 kernels), conv2d_transpose's weight is not layout-free (a layout tuned
+    for it and folded into the constant gave wrong outputs on the PP-OCRv4 detector); a conv2d's weight still is."""
+    import tvm
+    from tvm import relax
+
+    from autoglm_compile.tuning import _phases
+
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            c = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.standard_normal((8, 8, 3, 3)).astype("float32")), padding=1))
+            out = bb.emit_output(relax.op.nn.conv2d_transpose(c, relax.const(rng.standard_normal((8, 4, 2, 2)).astype("float32")), strides=2))
+        bb.emit_func_output(out)
+    target = tvm.target.Target({"kind": "llvm"})
+    before, _ = _phases(target, True)
+    with target:
+        mod = tvm.transform.Sequential(before)(bb.get())
+    free = {str(g.name_hint).rstrip("0123456789"): "layout_free_buffers" in (f.attrs or {}) for g, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert free == {"conv2d": True, "conv2d_transpose": False}
+
+
+def test_conv_output_channels_padded_to_vnni_lanes(tmp_path):
+    """A conv with 24 output channels (not a multiple of vpdpbusd's 16 lanes) is packed with 8 zero output channels,
+    sliced off after, and agrees with ONNX Runtime's int8 within one output step."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((24, 8, 3, 3)).astype(np.float32) * 0.2, "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24, 6, 6])
+    draw = lambda: {"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32) + 0.5}
+    model = _quantized(tmp_path, make_model(nodes, [x], [y], [w], opset=13), [draw() for _ in range(8)])
+    mod, summary = rewrite(from_onnx(model, shape_dict={"x": [1, 8, 6, 6]}, keep_params_in_input=False), tvm.target.Target(VNNI))
+    assert (summary.convs, summary.packed) == (1, 1)
+    main = mod["main"].script()
+    assert "R.call_tir(conv2d_nhwc_int8_packed" in main and "R.Tensor((1, 6, 6, 32), dtype=\"int32\")" in main and "R.strided_slice(" in main
+    target = tvm.target.Target({"kind": "llvm"})
+    vm = relax.VirtualMachine(relax.build(relax.get_default_pipeline(target)(mod), target, relax_pipeline=None), tvm.cpu())
+    step = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "y_scale")))
+    for _ in range(3):
+        feeds = draw()
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(feeds["x"])).numpy(), run_ort(model, feeds)[0], rtol=0, atol=step * 1.001)
