@@ -2,8 +2,9 @@
 # with --tune-export, for BUDGET seconds per model, one model after the other; the databases come back through $OUT.
 #   TARBALL: a tar.xz of tune_<m>/{spec.json, task*.json[, db/ of an earlier chunk, to resume]}
 #   MODELS:  the <m> names (default: r50 bert)
-# Back here: copy $OUT/<m>_{workload,records,defaults}.json into tune_<m>/db/ as database_workload.json,
-# database_tuning_record.json and defaults_gpu.json, then `autoglm-compile tune-merge tune_<m> -t nvidia-h100`.
+# Back here: `tar -xJf <m>_db.tar.xz -C tune_<m>` (its db/: the MetaSchedule database, defaults_gpu.json, and
+# tiles_gpu.json of the tile sweep), then `autoglm-compile tune-merge tune_<m> -t nvidia-h100`. One file per model:
+# a device call returns at most 8.
 set -e
 BUDGET=${BUDGET:-240}
 TARBALL=${TARBALL:-gpubench/tune.tar.xz}
@@ -21,7 +22,5 @@ PY
   start=$(date +%s)
   timeout $((BUDGET + 50)) python3 -m autoglm_compile.tune_worker /tmp/t/tune_$m/spec.json > /tmp/t/$m.log 2>/tmp/t/$m.err || echo "worker $m rc=$?"
   echo "$m: $(( $(date +%s) - start )) s"; tail -c 1500 /tmp/t/$m.log; tail -3 /tmp/t/$m.err
-  cp /tmp/t/tune_$m/db/database_workload.json "$OUT/${m}_workload.json"
-  cp /tmp/t/tune_$m/db/database_tuning_record.json "$OUT/${m}_records.json"
-  cp /tmp/t/tune_$m/db/defaults_gpu.json "$OUT/${m}_defaults.json" || true
+  tar -cJf "$OUT/${m}_db.tar.xz" -C /tmp/t/tune_$m --exclude db/logs db
 done
