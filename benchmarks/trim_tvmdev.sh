@@ -2,7 +2,8 @@
 # Shrinks .tvmdev/ (made by ../shared/device/make-tvm-bundle.sh, 62.4 MiB) by about 2 MiB so that it still fits the
 # device tool's 64 MiB carry beside this repository: the relax frontends (onnx, torch, tflite, stablehlo: the tuning
 # worker gets TIR tasks), the cutlass and hexagon contrib packages, and tvm_ffi's sources and 3rdparty are removed;
-# tvm_ffi goes into the same tar, so install.sh only untars. Verified on the H200 with benchmarks/gpu_tune.sh.
+# tvm_ffi goes into the same tar, so install.sh only untars. A bundle with these removals, made by hand, ran
+# benchmarks/gpu_tune.sh on the H200 (2026-11-30); this script repeats them and has not itself been run there.
 # Usage (from the project root, after make-tvm-bundle.sh):   bash benchmarks/trim_tvmdev.sh
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
