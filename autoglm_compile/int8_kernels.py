@@ -148,11 +148,11 @@ def _const(expr) -> np.ndarray | None:
 
 def rewrite(mod, target):
     """(mod with int8 Conv/MatMul where the target has an int8 dot product, Int8Summary). Without one the module is
-    returned as it is, and the summary counts every Conv/MatMul as float. With it, float32 erf and softmax become
-    topi's fast_erf and fast_softmax too (vectorizable polynomials; LLVM calls libm's erff/expf per element, which made
-    BERT-base's GELU 64 % of the int8 run); their outputs are requantized to 8 bits anyway."""
+    returned as it is, and the summary counts every Conv/MatMul as float. With it, TVM's FastMathTransform also
+    turns erf, exp, tanh and softmax into topi's vectorizable approximations (LLVM calls libm's erff/expf per
+    element, which made BERT-base's GELU 64 % of the int8 run); their outputs are requantized to 8 bits anyway."""
     import tvm
-    from tvm import relax, topi
+    from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     instruction = int8_dot_product(target)
@@ -162,7 +162,6 @@ def rewrite(mod, target):
     op = tvm.ir.Op.get
     CONV, MATMUL, DQ, PERMUTE = op("relax.nn.conv2d"), op("relax.matmul"), op("relax.dequantize"), op("relax.permute_dims")
     OTHER_CONVS = (op("relax.nn.conv1d"), op("relax.nn.conv3d"))
-    ERF, SOFTMAX = op("relax.erf"), op("relax.nn.softmax")
 
     @mutator
     class Rewriter(PyExprMutator):
@@ -234,10 +233,6 @@ def rewrite(mod, target):
                 return self._matmul(call)
             if any(call.op.same_as(o) for o in OTHER_CONVS):
                 summary.keep("Conv", "not 2-D (only conv2d is rewritten)")
-            if call.op.same_as(ERF) and str(call.ty.dtype) == "float32":  # LLVM calls libm's erff per element
-                return self.builder_.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="fast_erf")
-            if call.op.same_as(SOFTMAX) and str(call.ty.dtype) == "float32":  # and expf
-                return self.builder_.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="fast_softmax")
             return call
 
         def _conv(self, call):
@@ -363,7 +358,7 @@ def rewrite(mod, target):
     if not summary.rewritten:
         return mod, summary
     folded = relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewriter.builder_.get()))  # constant biases
-    return singleton_qparams(sink_transposes(folded)), summary
+    return relax.transform.FastMathTransform()(singleton_qparams(sink_transposes(folded))), summary
 
 
 def singleton_qparams(mod):
