@@ -53,6 +53,7 @@ class ScheduleConfig(_Strict):
 
     strategy: str = "default"
     cuda_graph: bool | None = Field(None, description="CUDA targets: run the static kernel sequences as CUDA graphs (Relax's RewriteCUDAGraph); None: on for CUDA targets; ignored elsewhere")
+    split_k: bool = Field(True, description="CUDA targets, fp16: split the K of GEMMs that launch less than a wave of thread blocks over the target's cuda.sm_count (gpu_schedules.split_k)")
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)?")

@@ -7,7 +7,7 @@ TFLOP/s), and ResNet-50's 7x7 stage pads 49 rows to 128. TensorCoreMatmul takes 
 TENSOR_CORE_MIN in every dim with DEFAULT_TILE, 64 x 64 (on the H200 faster than DLight's tile on 25 of the 31 GEMM
 tasks of ResNet-50 and BERT-base, up to 2.6x; 0.47x on the worst, a 7x7-stage conv; docs/benchmarks.md). The GPU
 tuning worker times every tile of TILES per task and keeps the fastest (tune_worker.sweep_gpu_tiles): no single tile
-is best everywhere.
+is best everywhere. `split_k` splits the K of GEMMs and convolutions that launch too few thread blocks.
 The schedule is DLight's (the same steps: reindex to C[S, I, J] += A[S, I, K] * B[S, J, K], pad, a shared-memory stage
 pipelined over K, wmma fragments, the epilogue inlined into the store) with the tile as a parameter. Needs only TVM
 (it runs in the tuning worker on the GPU machine too).
@@ -230,3 +230,160 @@ def default_schedule_pass():
     from tvm.s_tir import dlight as dl
 
     return dl.ApplyDefaultSchedule(tensor_core_rule(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+
+
+# ----------------------------------------------------------------------------------------------------- split-K
+
+def split_k_factor(m: int, n: int, k: int, sms: int, tile=None, channels: tuple[int, int] | None = None) -> int:
+    """How many slices of K a float16 GEMM of M x N outputs over K gets: the smallest power of two that gives the
+    tile's thread blocks at least one wave of `sms` SMs, each slice at least SPLIT_K_MIN deep and a whole number of
+    K steps. A convolution (channels = (input channels, kernel window)) is split along its input channels: the
+    slices must divide them. 1: no split (enough blocks already, or K too short)."""
+    tile = tile or DEFAULT_TILE
+    blocks = -(-m // tile.rows) * -(-n // tile.cols)
+    step = FRAG * tile.k_frags
+    s = 1
+    while blocks * s < sms and k // (2 * s) >= SPLIT_K_MIN:
+        if channels is None and k % (2 * s * step):
+            break
+        if channels is not None and (channels[0] % (2 * s) or (channels[0] // (2 * s)) % FRAG):
+            break
+        s *= 2
+    return s
+
+
+SPLIT_K_MIN = 128  # the shortest K slice (on the H200, ResNet-50 fp16 untuned: 0.627 ms with 128, 0.700 with 256)
+
+
+def split_k(mod, sms: int, max_split: int = 16):
+    """Split-K for the float16 GEMMs and convolutions that launch less than a wave of thread blocks (batch 1: BERT-base's
+    128 x 768 outputs are 24 blocks of 64 x 64 on 132 SMs, ResNet-50's last 3x3 convs 8). On the H200, untuned:
+    ResNet-50 fp16 2.29 -> 0.63 ms, BERT-base 3.15 -> 1.16 ms with merge-parallel-matmuls (docs/benchmarks.md).
+    A matmul of A[..., M, K] by a 2-D B[K, N] with float32 output
+    (ToMixedPrecision's) becomes one GEMM kernel over the S slices of K (`_split_k_gemm`: float32 partial products
+    [S, M, N], the slice a batch dimension of the tensor-core schedule) and a sum of the S partial products in
+    float32, written out term by term (`_split_k_sum`) so that it is an injective op, to which FuseOps fuses the GEMM's
+    epilogue (bias, GELU, cast): one kernel more than the plain GEMM. Where A is ToMixedPrecision's cast of a float32
+    tensor, the GEMM takes the float32 tensor and casts it in its own kernel (`_split_k_gemm`), and the stand-alone
+    cast kernel goes. A conv2d (NCHW, OIHW, one group) is split along its input channels the same way
+    (`_split_k_conv`). Runs before legalization, after mixed_precision."""
+    from tvm import relax
+
+    matmul, astype, conv2d = tvm_op("relax.matmul"), tvm_op("relax.astype"), tvm_op("relax.nn.conv2d")
+
+    @relax.expr_functor.mutator
+    class SplitK(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op == conv2d:
+                return self.conv(call)
+            if call.op != matmul or len(call.args) != 2:
+                return call
+            a, b = call.args
+            try:
+                a_shape = [int(d) for d in a.ty.shape]
+                b_shape = [int(d) for d in b.ty.shape]
+            except (AttributeError, TypeError):  # dynamic shapes
+                return call
+            if (len(b_shape) != 2 or len(a_shape) < 2 or str(a.ty.dtype) != "float16" or str(b.ty.dtype) != "float16"
+                    or str(call.ty.dtype) != "float32"):
+                return call
+            k, n = b_shape
+            m = 1
+            for d in a_shape[:-1]:
+                m *= d
+            if a_shape[-1] != k or min(m, n, k) < TENSOR_CORE_MIN:
+                return call
+            s = min(split_k_factor(m, n, k, sms), max_split)
+            if s == 1:
+                return call
+            source = self.lookup_binding(a) if isinstance(a, relax.Var) else None
+            if isinstance(source, relax.Call) and source.op == astype and str(source.args[0].ty.dtype) == "float32":
+                a = source.args[0]  # the float32 activation: the GEMM casts it while staging it (no cast kernel)
+            a2 = self.builder_.emit(relax.op.reshape(a, [m, k]))
+            parts = self.builder_.emit_te(_split_k_gemm, a2, b, s, primfunc_name_hint="matmul_split_k")
+            total = self.builder_.emit_te(_split_k_sum, parts, primfunc_name_hint="split_k_sum")
+            return relax.op.reshape(total, a_shape[:-1] + [n])
+
+        def conv(self, call):
+            """conv2d NCHW/OIHW, one group, float16 operands and float32 output: split along the input channels."""
+            x, w = call.args
+            at = call.attrs
+            if (str(at.data_layout) != "NCHW" or str(at.kernel_layout) != "OIHW" or str(at.out_layout) != "NCHW" or int(at.groups) != 1
+                    or str(x.ty.dtype) != "float16" or str(w.ty.dtype) != "float16" or str(call.ty.dtype) != "float32"):
+                return call
+            try:
+                (batch, c, _h, _w), (o, _c, kh, kw), (_b, _o, oh, ow) = ([int(d) for d in t] for t in (x.ty.shape, w.ty.shape, call.ty.shape))
+            except (AttributeError, TypeError):
+                return call
+            m, k = batch * oh * ow, c * kh * kw
+            if min(m, o, k) < TENSOR_CORE_MIN:
+                return call
+            s = min(split_k_factor(m, o, k, sms, channels=(c, kh * kw)), max_split)
+            if s == 1:
+                return call
+            parts = self.builder_.emit_te(_split_k_conv, x, w, s, [int(v) for v in at.strides], [int(v) for v in at.padding],
+                                          [int(v) for v in at.dilation], (oh, ow), primfunc_name_hint="conv2d_split_k")
+            return self.builder_.call_te(_split_k_sum, parts, primfunc_name_hint="split_k_sum")  # a call, not a var: FuseOps fuses no alias binding
+
+    mutator = SplitK(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def _split_k_gemm(a, b, s: int):
+    """parts[s, m, n] = sum over k of A[m, s*K/S + k] * B[s*K/S + k, n], float16 operands, float32 sums: a batched
+    GEMM whose batch is the slice of K (DLight's reindexing makes A[S, M, K/S] of it in the shared-memory loads). A
+    float32 A is cast to float16 in a block of the same function, which the schedule inlines into its shared-memory
+    load."""
+    from tvm import te
+
+    (m, k), n = a.shape, b.shape[1]
+    if a.dtype != "float16":
+        a = te.compute(a.shape, lambda i, j: a[i, j].astype("float16"), name="cast_a")
+    depth = int(k) // s
+    r = te.reduce_axis((0, depth), name="k")
+    return te.compute((s, m, n), lambda p, i, j: te.sum(a[i, p * depth + r].astype("float32") * b[p * depth + r, j].astype("float32"), axis=r),
+                      name="matmul_split_k")
+
+
+def _split_k_conv(x, w, s: int, strides, padding, dilation, out_hw):
+    """parts[s, n, o, y, x] = the conv2d (NCHW, OIHW) over the s-th slice of the input channels, float16 operands,
+    float32 sums: a convolution whose batch of GEMMs is the channel slice (DLight's reindexing makes it an implicit
+    GEMM, as for topi's conv2d)."""
+    from tvm import te, tirx
+
+    n, c, h, wd = (int(d) for d in x.shape)
+    o, _, kh, kw = (int(d) for d in w.shape)
+    top, left, bottom, right = padding
+    padded = te.compute((n, c, h + top + bottom, wd + left + right), lambda b, ch, yy, xx: tirx.if_then_else(
+        tirx.all(yy >= top, yy < h + top, xx >= left, xx < wd + left), x[b, ch, yy - top, xx - left], tirx.const(0, x.dtype)), name="pad_temp")
+    depth = c // s
+    rc, ry, rx = te.reduce_axis((0, depth), name="rc"), te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
+    (sy, sx), (dy, dx) = strides, dilation
+    return te.compute((s, n, o) + tuple(out_hw), lambda p, b, oc, yy, xx: te.sum(
+        padded[b, p * depth + rc, yy * sy + ry * dy, xx * sx + rx * dx].astype("float32") * w[oc, p * depth + rc, ry, rx].astype("float32"),
+        axis=[rc, ry, rx]), name="conv2d_split_k")
+
+
+def _split_k_sum(parts):
+    """total[...] = parts[0, ...] + ... + parts[S-1, ...], unrolled (no reduction axis)."""
+    from tvm import te
+
+    s = int(parts.shape[0])
+
+    def total(*idx):
+        acc = parts[(0, *idx)]
+        for p in range(1, s):
+            acc = acc + parts[(p, *idx)]
+        return acc
+
+    return te.compute(parts.shape[1:], total, name="split_k_sum")
+
+
+def tvm_op(name: str):
+    import tvm
+
+    return tvm.ir.Op.get(name)

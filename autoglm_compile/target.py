@@ -37,6 +37,7 @@ class CpuSpec(_Strict):
 class CudaSpec(_Strict):
     arch: str = Field(pattern=r"^sm_\d+[a-z]?$", description="CUDA SM architecture, e.g. sm_90")
     nvcc_supported: bool = Field(True, description="false where the local nvcc cannot target this arch")
+    sm_count: int | None = Field(None, ge=1, description="streaming multiprocessors: float16 GEMMs that launch fewer thread blocks than this are split along K (gpu_schedules.split_k); None: no split")
 
 
 class NpuSpec(_Strict):

@@ -69,6 +69,7 @@ class ScheduleContext:
     warnings: list[str] = field(default_factory=list)
     fp16: bool = False  # ToMixedPrecision before scheduling (mixed_precision below)
     cuda_graph: bool = False  # CUDA targets: Relax's RewriteCUDAGraph captures the static kernel sequences
+    split_k: bool = False  # CUDA targets, with fp16: gpu_schedules.split_k over the descriptor's cuda.sm_count
 
 
 def register_strategy(name: str, *, takes_context: bool = False):
@@ -147,7 +148,8 @@ def mixed_precision(mod, fp16_params: list[str] | None = None):
 
 
 def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext | None = None):
-    """The lowered module and the TVM target. context.fp16 applies mixed_precision first; context.cuda_graph sets
+    """The lowered module and the TVM target. context.fp16 applies mixed_precision first, context.split_k then splits
+    the float16 GEMMs that launch too few thread blocks (CUDA targets with cuda.sm_count); context.cuda_graph sets
     relax.backend.use_cuda_graph for the target's pipeline (its RewriteCUDAGraph pass; no effect on CPU targets)."""
     import tvm
 
@@ -159,6 +161,10 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
     target = make_target(desc)
     if context.fp16:
         mod = mixed_precision(mod)
+    if context.split_k and target.kind.name == "cuda" and desc.cuda is not None and desc.cuda.sm_count:
+        from .gpu_schedules import split_k
+
+        mod = split_k(mod, desc.cuda.sm_count)
     if target.kind.name == "cuda":
         from .tune_worker import import_tensor_intrinsics
 

@@ -10,7 +10,7 @@ Two commands:
       Print the estimate of the optimized graph for each target (B replaces the descriptor's bandwidth).
 
   gpu-build MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100] [-O O3] [--precision fp16 [--fp16 graph|graph32|relax]]
-            [--cuda-graph] [--tile ROWSxCOLS]
+            [--cuda-graph] [--tile ROWSxCOLS] [--split-k SMS]
       Build for a CUDA target here, with the weights kept as parameters (graph inputs) so that the library holds
       code only and fits the GPU machine's 64 MiB transfer limit. Writes OUT_DIR/{model.so, graph.onnx, meta.json}:
       graph.onnx is the optimized graph with the weights as inputs (for the ONNX Runtime reference there), and
@@ -114,7 +114,13 @@ def gpu_build(args) -> None:
         mod = accumulate_in_float32(mod)
     if args.cuda_graph:  # the weights are fixed across calls: RewriteCUDAGraph may capture the kernels that read them
         mod["main"] = mod["main"].with_attr("num_input", len(specs))
-    sched = ScheduleContext(desc=desc, cuda_graph=args.cuda_graph)
+    if args.split_k is not None:
+        desc.cuda.sm_count = args.split_k or None
+    if args.split_k_min is not None:
+        from autoglm_compile import gpu_schedules
+
+        gpu_schedules.SPLIT_K_MIN = args.split_k_min
+    sched = ScheduleContext(desc=desc, cuda_graph=args.cuda_graph, split_k=True)
     tuning = None
     if args.tuning_db:
         from autoglm_compile.config import TuneConfig
@@ -137,6 +143,7 @@ def gpu_build(args) -> None:
         "estimate": est.model_dump(), "estimate_h200": h200.model_dump(), "preset": args.preset, "tuning": tuning,
         "variant": args.variant or ("tuned" if args.tuning_db else "untuned"),
         "precision": args.precision or "fp32", "fp16": args.fp16 if args.precision == "fp16" else None, "cuda_graph": args.cuda_graph,
+        "split_k_sms": desc.cuda.sm_count,
     }
     (out / "meta.json").write_text(json.dumps(meta) + "\n")
     print(f"{args.model}: built for {desc.name} in {build_s:.1f} s, library {(out / 'model.so').stat().st_size / 2**20:.1f} MiB, "
@@ -256,6 +263,9 @@ def main() -> None:
     g.add_argument("--tuning-db", help="schedule with this tuning database (the 'tune' strategy); default schedules otherwise")
     g.add_argument("--tune-export", help="with --tuning-db: write the tasks missing from it here, for tune_worker on the GPU")
     g.add_argument("--variant", help="a label for this build in the benchmark tables")
+    g.add_argument("--split-k", type=int, default=None, metavar="SMS",
+                   help="split the K of float16 GEMMs that launch fewer thread blocks than SMS (gpu_schedules.split_k); 0: off; default: the descriptor's cuda.sm_count")
+    g.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")
     g.add_argument("--tile", help="ROWSxCOLS: every float16 tensor-core GEMM untuned gets this tile of gpu_schedules.TILES (default: DEFAULT_TILE)")
     e = sub.add_parser("estimate")
     e.add_argument("model")

@@ -1,0 +1,133 @@
+"""Split-K for float16 GEMMs that launch too few thread blocks (gpu_schedules.split_k), checked without a GPU: the
+split factor's rule, the rewritten module computing the same values as the plain one (on the CPU), and the CUDA
+lowering giving the split GEMM the tensor-core schedule with the sum and the epilogue in one kernel."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autoglm_compile import gpu_schedules as gs
+
+
+@pytest.mark.parametrize("m,n,k,expected", [
+    (128, 768, 3072, 8),   # BERT-base FFN down: 2 x 12 blocks of 64 x 64 -> 192 blocks
+    (128, 768, 768, 4),    # attention output: 96 blocks; K / 8 would be 96, under SPLIT_K_MIN
+    (128, 3072, 768, 2),   # FFN up: 96 blocks, not a wave yet
+    (128, 2304, 768, 2),   # Q, K and V merged (merge-parallel-matmuls)
+    (49, 512, 4608, 32),   # ResNet-50's last 3x3 convs: 8 blocks (split_k caps it at max_split, 16)
+    (4096, 4096, 4096, 1),  # 4096 blocks already
+    (128, 768, 96, 1),     # K too short to split
+])
+def test_split_factor(m, n, k, expected):
+    assert gs.split_k_factor(m, n, k, sms=132, channels=(512, 9) if k == 4608 else None) == expected
+    s = expected
+    assert k % s == 0 and (s == 1 or k // s >= gs.SPLIT_K_MIN)
+
+
+def module(m: int, k: int, n: int):
+    """x[1, m, k] @ w[k, n] + bias, then GELU's tanh, in float32 (mixed_precision makes float16 of it)."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, m, k), "float32"))
+    w = relax.Var("w", relax.TensorType((k, n), "float32"))
+    bias = relax.Var("bias", relax.TensorType((n,), "float32"))
+    with bb.function("main", [x, w, bias]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.tanh(relax.op.add(relax.op.matmul(x, w), bias)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def build_and_run(mod, inputs):
+    import tvm
+    from tvm import relax
+
+    ex = tvm.compile(mod, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy()
+
+
+def test_split_module_computes_what_the_plain_one_does():
+    from autoglm_compile.tvm_build import mixed_precision
+
+    m, k, n = 64, 1024, 48
+    plain = mixed_precision(module(m, k, n), ["w"])
+    split = gs.split_k(mixed_precision(module(m, k, n), ["w"]), sms=132)
+    names = {gv.name_hint for gv in split.functions}
+    assert {"matmul_split_k", "split_k_sum"} <= names
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((1, m, k)).astype(np.float32) * 0.05, rng.standard_normal((k, n)).astype(np.float16),
+              rng.standard_normal(n).astype(np.float32)]
+    want, got = build_and_run(plain, inputs), build_and_run(split, inputs)
+    ref = np.tanh(inputs[0].astype(np.float16).astype(np.float32) @ inputs[1].astype(np.float32) + inputs[2])
+    assert np.abs(got - ref).max() < 2e-2 and np.abs(got - want).max() < 2e-2
+
+
+def test_enough_blocks_means_no_split():
+    from autoglm_compile.tvm_build import mixed_precision
+
+    mod = gs.split_k(mixed_precision(module(64, 1024, 48), ["w"]), sms=1)
+    assert "matmul_split_k" not in {gv.name_hint for gv in mod.functions}
+
+
+def test_cuda_lowering_tensorizes_the_split_gemm_and_fuses_the_sum_with_the_epilogue():
+    import tvm
+
+    from autoglm_compile.target import resolve_target
+    from autoglm_compile.tvm_build import ScheduleContext, lower, mixed_precision
+
+    desc = resolve_target("nvidia-h100")
+    assert desc.cuda.sm_count == 132
+    mod = mixed_precision(module(128, 3072, 768), ["w"])
+    lowered, _ = lower(mod, desc, "default", ScheduleContext(desc=desc, split_k=True))
+    prims = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert "wmma" in prims["matmul_split_k"].script()
+    epilogue = [name for name in prims if name.startswith("fused_split_k_sum")]
+    assert len(epilogue) == 1 and "tanh" in epilogue[0] and "add" in epilogue[0]
+    off, _ = lower(mixed_precision(module(128, 3072, 768), ["w"]), desc, "default", ScheduleContext(desc=desc, split_k=False))
+    assert not any("split_k" in gv.name_hint for gv in off.functions)
+
+
+def conv_module(c: int, o: int, hw: int, padding, stride: int):
+    """relu(conv2d(x[1, c, hw, hw], w[o, c, 3, 3])) in float32."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, hw, hw), "float32"))
+    w = relax.Var("w", relax.TensorType((o, c, 3, 3), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, strides=stride, padding=padding)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("padding,stride,hw", [((1, 1, 1, 1), 1, 7), ((1, 0, 0, 1), 2, 14)])  # (top, left, bottom, right)
+def test_split_conv_computes_what_the_plain_one_does(padding, stride, hw):
+    from autoglm_compile.tvm_build import mixed_precision
+
+    c, o = 256, 32
+    split = gs.split_k(mixed_precision(conv_module(c, o, hw, padding, stride), ["w"]), sms=132)
+    assert "conv2d_split_k" in {gv.name_hint for gv in split.functions}
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((1, c, hw, hw)).astype(np.float32), (rng.standard_normal((o, c, 3, 3)) * 0.05).astype(np.float16)]
+    want = build_and_run(mixed_precision(conv_module(c, o, hw, padding, stride), ["w"]), inputs)
+    got = build_and_run(split, inputs)
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
+
+
+def test_cuda_lowering_tensorizes_the_split_conv():
+    import tvm
+
+    from autoglm_compile.target import resolve_target
+    from autoglm_compile.tvm_build import ScheduleContext, lower, mixed_precision
+
+    desc = resolve_target("nvidia-h100")
+    lowered, _ = lower(mixed_precision(conv_module(512, 512, 7, (1, 1, 1, 1), 1), ["w"]), desc, "default", ScheduleContext(desc=desc, split_k=True))
+    prims = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert "wmma" in prims["conv2d_split_k"].script()
+    assert any(name.startswith("fused_split_k_sum") and "relu" in name for name in prims)
