@@ -227,14 +227,24 @@ class PipelineConfig(_Strict):
 
 # Passes a preset leaves out on a target kind, and why (measured: docs/benchmarks.md, GPU section).
 PRESET_SKIPS = {"cuda": {"fuse-attention": "TVM lowers the fused com.microsoft Attention to slow GPU kernels"}}
+# Passes a preset gets on a target kind, before its final clean-up (eliminate-dead-code, infer-shapes), and why.
+PRESET_ADDS = {"cuda": {"merge-parallel-matmuls": "one GEMM for Q, K and V: at batch 1 each projection alone launches too few thread blocks"}}
 
 
 def adapt_to_target(cfg: PipelineConfig, kind: str) -> list[str]:
-    """Drop from a preset's passes those PRESET_SKIPS lists for the target kind; returns their names."""
+    """Drop from a preset's passes those PRESET_SKIPS lists for the target kind, and add those PRESET_ADDS lists
+    (once, before the trailing eliminate-dead-code / infer-shapes); returns the names dropped."""
     skip = PRESET_SKIPS.get(kind, {})
     dropped = [p.name for p in cfg.passes if p.name in skip]
     cfg.passes = [p for p in cfg.passes if p.name not in skip]
     cfg._skipped = dropped
+    for name in PRESET_ADDS.get(kind, {}):
+        if any(p.name == name for p in cfg.passes):
+            continue
+        at = len(cfg.passes)
+        while at > 0 and cfg.passes[at - 1].name in ("eliminate-dead-code", "infer-shapes"):
+            at -= 1
+        cfg.passes.insert(at, PassSpec(name=name))
     return dropped
 
 

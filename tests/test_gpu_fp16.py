@@ -123,8 +123,16 @@ def test_o3_on_cuda_leaves_out_fuse_attention():
     cuda = resolve_config(CompileOptions(source="m.onnx", target=CUDA, preset="O3"), resolve_target(CUDA))
     host = resolve_config(CompileOptions(source="m.onnx", target="host", preset="O3"), resolve_target("host"))
     assert "fuse-attention" in names(host) and "fuse-attention" not in names(cuda)
-    assert [n for n in names(host) if n != "fuse-attention"] == names(cuda)
+    assert [n for n in names(host) if n != "fuse-attention"] == [n for n in names(cuda) if n != "merge-parallel-matmuls"]
     assert cuda.skipped == ["fuse-attention"] and host.skipped == []
+
+
+@pytest.mark.parametrize("preset", ["O2", "O3"])
+def test_cuda_presets_merge_parallel_matmuls_before_the_final_clean_up(preset):
+    cuda = names(resolve_config(CompileOptions(source="m.onnx", target=CUDA, preset=preset), resolve_target(CUDA)))
+    host = names(resolve_config(CompileOptions(source="m.onnx", target="host", preset=preset), resolve_target("host")))
+    assert cuda.count("merge-parallel-matmuls") == 1 and "merge-parallel-matmuls" not in host
+    assert cuda[cuda.index("merge-parallel-matmuls") + 1:] == ["eliminate-dead-code", "infer-shapes"]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
