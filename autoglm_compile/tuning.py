@@ -86,6 +86,7 @@ class TuningDatabase:
         self.key = target_key(target)
         self.path = Path(root).expanduser() / self.key
         self.path.mkdir(parents=True, exist_ok=True)
+        self.dropped = 0  # unreadable records load() removed
         info = self.path / "target.json"
         if not info.exists():
             info.write_text(json.dumps({"tvm": tvm.__version__, "target": canonical_target(target)}, indent=2, sort_keys=True) + "\n")
@@ -121,9 +122,18 @@ class TuningDatabase:
             tmp.replace(self.path / LEDGER)
 
     def load(self):
+        """The MetaSchedule database. TVM replays every record's trace on its workload when it reads the files, and
+        one that does not replay fails the whole read: such records are dropped from the files (self.dropped counts
+        them) and the rest is read."""
         from tvm.s_tir import meta_schedule as ms
 
         with self.locked(exclusive=False):
+            try:
+                return ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=True)
+            except Exception:  # noqa: BLE001 - TVM raises RuntimeError/ValueError/TVMError here
+                pass
+        with self.locked(exclusive=True):
+            self.dropped += _drop_unreadable_records(self.path)
             return ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=True)
 
     def merge(self, worker_dir: Path, tasks: list, defaults_us: dict[str, float] | None = None) -> dict[str, object]:
@@ -135,7 +145,7 @@ class TuningDatabase:
         sources = [db for db in (_salvaged_database(worker_dir), _salvaged_database(worker_dir / "defaults")) if db is not None]
         best = {}
         for task in tasks:
-            found = [r for r in (_valid_record(db, task.mod, self.target, task.task_name) for db in sources) if r is not None]
+            found = [r for r in (_valid_record(db, task.mod, self.target, task.task_name) for db in sources) if r is not None and _replays(r.trace, task.mod)]
             if found:
                 rec = min(found, key=lambda r: _mean(r.run_secs))
                 if defaults_us and task.task_name in defaults_us and _mean(rec.run_secs) * 1e6 >= defaults_us[task.task_name]:
@@ -155,6 +165,42 @@ class TuningDatabase:
                 cache.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target, rec.args_info))
                 committed[name] = rec
         return committed
+
+
+def _replays(trace, mod) -> bool:
+    """Whether a record's trace applies to this task's module. Structurally equal modules can differ in their buffer
+    names, and MetaSchedule's tensor-core traces look blocks up by names made from them ("w3_reindex_shared.dyn_wmma.
+    matrix_b_o"): such a record, committed for the other module, would make the database unreadable."""
+    from tvm import s_tir
+
+    try:
+        s_tir.Trace.apply_json_to_schedule(trace.as_json(), s_tir.Schedule(mod))
+    except Exception:  # noqa: BLE001 - any failure to replay
+        return False
+    return True
+
+
+def _drop_unreadable_records(folder: Path) -> int:
+    """Rewrite folder's tuning records without those TVM cannot read (their trace does not replay on their
+    workload); returns how many were dropped. One record at a time: TVM reads a database whole or not at all."""
+    from tvm.s_tir import meta_schedule as ms
+
+    rec_file = folder / "database_tuning_record.json"
+    workloads = (folder / "database_workload.json").read_text().splitlines()
+    kept, dropped = [], 0
+    with tempfile.TemporaryDirectory(prefix="autoglm-records-") as tmp:
+        (Path(tmp) / "database_workload.json").write_text("".join(line + "\n" for line in workloads))
+        for line in rec_file.read_text().splitlines():
+            (Path(tmp) / "database_tuning_record.json").write_text(line + "\n")
+            try:
+                ms.database.JSONDatabase(work_dir=tmp, allow_missing=False)
+                kept.append(line)
+            except Exception:  # noqa: BLE001
+                dropped += 1
+    tmp_file = folder / f"database_tuning_record.json.tmp-{os.getpid()}"
+    tmp_file.write_text("".join(line + "\n" for line in kept))
+    tmp_file.replace(rec_file)
+    return dropped
 
 
 def _mean(run_secs) -> float:
@@ -586,6 +632,8 @@ def tune_and_lower(mod, target, ctx):
         for t in tasks
     ]
     report.untuned = [t.name for t in report.per_task if t.status == "untuned"]
+    if db.dropped:
+        ctx.warnings.append(f"the tuning database {db.path} held {db.dropped} record(s) whose schedule does not apply to its kernel (TVM could not read it): dropped")
     if report.untuned and not report.fell_back and not report.exported:
         ctx.warnings.append(f"{len(report.untuned)} of {len(tasks)} tuning tasks have no valid schedule in the database and use the default one: {', '.join(report.untuned[:8])}")
     with target, cache:

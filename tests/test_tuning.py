@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from pathlib import Path
 
 import onnx
@@ -467,3 +468,60 @@ def test_weight_prepack_makes_its_own_tasks(tuned, tmp_path):
     report = build(model, tmp_path / "out", db, quick_config(tmp_path, weight_prepack=True), tune_trials=8)
     assert report.accuracy.ok and report.result == "ok"
     assert report.tuning.hits == 0 and report.tuning.misses == report.tuning.tasks == first.tuning.tasks
+
+
+def _add_one(a_name: str):
+    """A PrimFunc C[i, j] = A[i, j] + 1 whose input buffer is called a_name: modules that differ only there are
+    structurally equal (one workload), but the blocks a schedule derives from the buffer are named after it."""
+    from tvm import te
+
+    a = te.placeholder((64, 64), "float32", name=a_name)
+    c = te.compute((64, 64), lambda i, j: a[i, j] + 1.0, name="C")
+    return tvm_ir_module(te.create_prim_func([a, c]))
+
+
+def tvm_ir_module(func):
+    import tvm
+
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def _name_bound_record(mod):
+    """A tuning record for mod whose trace looks up the cache-read block by its derived name ("A_shared")."""
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    sch = s_tir.Schedule(mod)
+    sch.cache_read(sch.get_sblock("C"), 0, "shared")
+    sch.get_sblock("A_shared")
+    return sch.trace, ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+
+
+def test_a_record_whose_schedule_does_not_apply_is_skipped_on_merge_and_dropped_on_load(tmp_path):
+    """A record tuned on one module and matched, by structure, to another whose buffers are named differently:
+    tune-merge leaves it out, and a database already holding one stays readable (the record dropped, counted)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tvm.target.Target({"kind": "llvm"})
+    tuned_on, built = _add_one("A"), _add_one("X")
+    assert tuning.workload_key(tuned_on) == tuning.workload_key(built)
+    trace, args = _name_bound_record(tuned_on)
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    src = ms.database.JSONDatabase(work_dir=str(worker), allow_missing=True)
+    src.commit_tuning_record(ms.database.TuningRecord(trace, src.commit_workload(tuned_on), [1e-5], target, args))
+    task = types.SimpleNamespace(task_name="add_one", mod=built)
+    db = tuning.TuningDatabase(tmp_path / "cache", target)
+    assert db.merge(worker, [task]) == {}  # not committed: it would not replay on `built`
+    assert tuning.TuningDatabase(tmp_path / "ok", target).merge(worker, [types.SimpleNamespace(task_name="add_one", mod=tuned_on)])
+    # a database written before this check: the record against `built` makes TVM's reader fail
+    bad = ms.database.JSONDatabase(work_dir=str(db.path), allow_missing=True)
+    bad.commit_tuning_record(ms.database.TuningRecord(trace, bad.commit_workload(built), [1e-5], target, args))
+    good_trace = tvm.s_tir.Schedule(built).trace
+    bad.commit_tuning_record(ms.database.TuningRecord(good_trace, bad.commit_workload(built), [2e-5], target, args))
+    with pytest.raises(Exception):
+        ms.database.JSONDatabase(work_dir=str(db.path), allow_missing=True)
+    loaded = db.load()
+    assert db.dropped == 1 and len(loaded.get_all_tuning_records()) == 1
