@@ -255,7 +255,7 @@ def split_k_factor(m: int, n: int, k: int, sms: int, tile=None, channels: tuple[
 SPLIT_K_MIN = 128  # the shortest K slice (on the H200, ResNet-50 fp16 untuned: 0.627 ms with 128, 0.700 with 256)
 
 
-def split_k(mod, sms: int, max_split: int = 16):
+def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
     """Split-K for the float16 GEMMs and convolutions that launch less than a wave of thread blocks (batch 1: BERT-base's
     128 x 768 outputs are 24 blocks of 64 x 64 on 132 SMs, ResNet-50's last 3x3 convs 8). On the H200, untuned:
     ResNet-50 fp16 2.29 -> 0.63 ms, BERT-base 3.15 -> 1.16 ms with merge-parallel-matmuls (docs/benchmarks.md).
@@ -266,7 +266,8 @@ def split_k(mod, sms: int, max_split: int = 16):
     epilogue (bias, GELU, cast): one kernel more than the plain GEMM. Where A is ToMixedPrecision's cast of a float32
     tensor, the GEMM takes the float32 tensor and casts it in its own kernel (`_split_k_gemm`), and the stand-alone
     cast kernel goes. A conv2d (NCHW, OIHW, one group) is split along its input channels the same way
-    (`_split_k_conv`). Runs before legalization, after mixed_precision."""
+    (`_split_k_conv`). Runs before legalization, after mixed_precision. `splits`, when given, gets ("matmul" or
+    "conv2d", S) for each op split."""
     from tvm import relax
 
     matmul, astype, conv2d = tvm_op("relax.matmul"), tvm_op("relax.astype"), tvm_op("relax.nn.conv2d")
@@ -300,6 +301,8 @@ def split_k(mod, sms: int, max_split: int = 16):
             source = self.lookup_binding(a) if isinstance(a, relax.Var) else None
             if isinstance(source, relax.Call) and source.op == astype and str(source.args[0].ty.dtype) == "float32":
                 a = source.args[0]  # the float32 activation: the GEMM casts it while staging it (no cast kernel)
+            if splits is not None:
+                splits.append(("matmul", s))
             a2 = self.builder_.emit(relax.op.reshape(a, [m, k]))
             parts = self.builder_.emit_te(_split_k_gemm, a2, b, s, primfunc_name_hint="matmul_split_k")
             total = self.builder_.emit_te(_split_k_sum, parts, primfunc_name_hint="split_k_sum")
@@ -322,6 +325,8 @@ def split_k(mod, sms: int, max_split: int = 16):
             s = min(split_k_factor(m, o, k, sms, channels=(c, kh * kw)), max_split)
             if s == 1:
                 return call
+            if splits is not None:
+                splits.append(("conv2d", s))
             parts = self.builder_.emit_te(_split_k_conv, x, w, s, [int(v) for v in at.strides], [int(v) for v in at.padding],
                                           [int(v) for v in at.dilation], (oh, ow), primfunc_name_hint="conv2d_split_k")
             return self.builder_.call_te(_split_k_sum, parts, primfunc_name_hint="split_k_sum")  # a call, not a var: FuseOps fuses no alias binding

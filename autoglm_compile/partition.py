@@ -265,6 +265,7 @@ def _compile_segment(job, seg: Segment, types) -> object:
         finally:
             job.report.tuning = ctx.tuning or job.report.tuning  # the last tuned segment's (one report per build)
             job.report.warnings += [w for w in ctx.warnings if w not in job.report.warnings]
+            job.report.schedule += [f"segment {seg.index}: {n}" for n in ctx.notes]
         step = "build"
         return build(lowered, job.tvm_target)
     except UnsupportedError as e:

@@ -253,6 +253,7 @@ def stage_schedule(job: Job) -> None:
     finally:
         job.report.tuning = ctx.tuning or job.report.tuning
         job.report.warnings += ctx.warnings
+        job.report.schedule += ctx.notes
     if job.int8 is not None and job.lowered is not None and job.report.quantization is not None:
         from .int8_kernels import describe, dot_kernels
 

@@ -201,6 +201,7 @@ class Report(BaseModel):
     estimate: EstimateReport | None = Field(None, description="roofline estimate from the target's peak FLOP/s and bandwidth")
     memory: MemoryReport | None = None
     tuning: TuningReport | None = None
+    schedule: list[str] = Field(default_factory=list, description="what the schedule stage did beyond its strategy (GPU: split-K)")
     output_summary: list[dict[str, Any]] = Field(default_factory=list, description="per output: shape, mean, std, sum of |x| on the seeded inputs")
     vendor: VendorReport | None = None
     fallback: FallbackReport | None = Field(None, description="TVM / ONNX Runtime segments, when some nodes fell back (--fallback onnxruntime)")
@@ -246,6 +247,8 @@ def summary_rows(r: Report) -> list[tuple[str, str]]:
             rows.append(("memory planning", f"intermediate tensors {_mib(m.intermediate_bytes)} -> planned {_mib(m.planned_activation_bytes)}: saved {_mib(m.planning_saved_bytes)} ({m.planning_saved_bytes / m.intermediate_bytes:.0%})"))
     if r.memory_fit is not None:
         rows.append(("memory fit", fit_text(r.memory_fit)))
+    if r.schedule:
+        rows.append(("schedule", "; ".join(r.schedule)))
     if r.tuning is not None:
         t = r.tuning
         line = f"{t.tasks} tasks: {t.hits} cached" + (f" ({t.shipped} from the package's pre-tuned database)" if t.shipped else "") + f", {t.misses} missed" + (f" ({t.resumed} resumed)" if t.resumed else "") + f"; {t.trials} trials in {t.seconds:.1f} s; {len(t.untuned)} untuned"

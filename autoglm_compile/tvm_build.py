@@ -70,6 +70,7 @@ class ScheduleContext:
     fp16: bool = False  # ToMixedPrecision before scheduling (mixed_precision below)
     cuda_graph: bool = False  # CUDA targets: Relax's RewriteCUDAGraph captures the static kernel sequences
     split_k: bool = False  # CUDA targets, with fp16: gpu_schedules.split_k over the descriptor's cuda.sm_count
+    notes: list[str] = field(default_factory=list)  # what the schedule stage did beyond the strategy, for the report
 
 
 def register_strategy(name: str, *, takes_context: bool = False):
@@ -164,7 +165,12 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
     if context.split_k and target.kind.name == "cuda" and desc.cuda is not None and desc.cuda.sm_count:
         from .gpu_schedules import split_k
 
-        mod = split_k(mod, desc.cuda.sm_count)
+        splits: list = []
+        mod = split_k(mod, desc.cuda.sm_count, splits=splits)
+        if splits:
+            factors = sorted({s for _op, s in splits})
+            context.notes.append(f"split-K on {sum(op == 'matmul' for op, _ in splits)} matmul(s) and {sum(op == 'conv2d' for op, _ in splits)} conv(s) "
+                                 f"that launch less than a wave of thread blocks on {desc.cuda.sm_count} SMs, in {'/'.join(map(str, factors))} slices")
     if target.kind.name == "cuda":
         from .tune_worker import import_tensor_intrinsics
 

@@ -3,6 +3,8 @@ split factor's rule, the rewritten module computing the same values as the plain
 lowering giving the split GEMM the tensor-core schedule with the sum and the epilogue in one kernel."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,35 @@ def test_cuda_lowering_tensorizes_the_split_conv():
     prims = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert "wmma" in prims["conv2d_split_k"].script()
     assert any(name.startswith("fused_split_k_sum") and "relu" in name for name in prims)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_the_report_says_what_was_split(conv_onnx, tmp_path):
+    """An fp16 CUDA build (cross-compiled here) of a tiny conv net: its one conv is too small to split, so the report
+    has no split-K line; with ResNet-50's last 3x3 conv it names the split."""
+    from autoglm_compile.pipeline import CompileOptions, compile_model
+
+    report = compile_model(CompileOptions(source=str(conv_onnx), output=tmp_path / "a", target="nvidia-h100", precision="fp16"))
+    assert report.schedule == []
+    wide = tmp_path / "wide.onnx"
+    onnx_wide_conv(wide)
+    report = compile_model(CompileOptions(source=str(wide), output=tmp_path / "b", target="nvidia-h100", precision="fp16"))
+    assert report.schedule == ["split-K on 0 matmul(s) and 1 conv(s) that launch less than a wave of thread blocks on 132 SMs, in 16 slices"]
+    from autoglm_compile.report import summary_rows
+
+    assert ("schedule", report.schedule[0]) in summary_rows(report)
+
+
+def onnx_wide_conv(path):
+    """x[1, 512, 7, 7] -> Conv 3x3 512 -> 512 (pad 1) -> Relu: ResNet-50's last 3x3 conv."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((512, 512, 3, 3)) * 0.02).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512, 7, 7])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
