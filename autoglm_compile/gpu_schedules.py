@@ -268,9 +268,10 @@ def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
     cast kernel goes. A conv2d (NCHW, OIHW, one group) is split along its input channels the same way
     (`_split_k_conv`). Runs before legalization, after mixed_precision. `splits`, when given, gets ("matmul" or
     "conv2d", S) for each op split."""
+    import tvm
     from tvm import relax
 
-    matmul, astype, conv2d = tvm_op("relax.matmul"), tvm_op("relax.astype"), tvm_op("relax.nn.conv2d")
+    matmul, astype, conv2d = (tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "astype", "nn.conv2d"))
 
     @relax.expr_functor.mutator
     class SplitK(relax.PyExprMutator):
@@ -386,9 +387,3 @@ def _split_k_sum(parts):
         return acc
 
     return te.compute(parts.shape[1:], total, name="split_k_sum")
-
-
-def tvm_op(name: str):
-    import tvm
-
-    return tvm.ir.Op.get(name)

@@ -123,8 +123,8 @@ class TuningDatabase:
 
     def load(self):
         """The MetaSchedule database. TVM replays every record's trace on its workload when it reads the files, and
-        one that does not replay fails the whole read: such records are dropped from the files (self.dropped counts
-        them) and the rest is read."""
+        one that does not replay fails the whole read: such records are moved to DROPPED in the folder (self.dropped
+        counts them) and the rest is read."""
         from tvm.s_tir import meta_schedule as ms
 
         with self.locked(exclusive=False):
@@ -180,14 +180,17 @@ def _replays(trace, mod) -> bool:
     return True
 
 
+DROPPED = "dropped_records.json"  # records load() took out of a database folder, kept as they were
+
+
 def _drop_unreadable_records(folder: Path) -> int:
-    """Rewrite folder's tuning records without those TVM cannot read (their trace does not replay on their
-    workload); returns how many were dropped. One record at a time: TVM reads a database whole or not at all."""
+    """Move the tuning records TVM cannot read (their trace does not replay on their workload) out of folder's
+    database into folder/DROPPED; returns how many. One record at a time: TVM reads a database whole or not at all."""
     from tvm.s_tir import meta_schedule as ms
 
     rec_file = folder / "database_tuning_record.json"
     workloads = (folder / "database_workload.json").read_text().splitlines()
-    kept, dropped = [], 0
+    kept, dropped = [], []
     with tempfile.TemporaryDirectory(prefix="autoglm-records-") as tmp:
         (Path(tmp) / "database_workload.json").write_text("".join(line + "\n" for line in workloads))
         for line in rec_file.read_text().splitlines():
@@ -196,11 +199,13 @@ def _drop_unreadable_records(folder: Path) -> int:
                 ms.database.JSONDatabase(work_dir=tmp, allow_missing=False)
                 kept.append(line)
             except Exception:  # noqa: BLE001
-                dropped += 1
+                dropped.append(line)
+    with open(folder / DROPPED, "a") as f:
+        f.write("".join(line + "\n" for line in dropped))
     tmp_file = folder / f"database_tuning_record.json.tmp-{os.getpid()}"
     tmp_file.write_text("".join(line + "\n" for line in kept))
     tmp_file.replace(rec_file)
-    return dropped
+    return len(dropped)
 
 
 def _mean(run_secs) -> float:
@@ -633,7 +638,8 @@ def tune_and_lower(mod, target, ctx):
     ]
     report.untuned = [t.name for t in report.per_task if t.status == "untuned"]
     if db.dropped:
-        ctx.warnings.append(f"the tuning database {db.path} held {db.dropped} record(s) whose schedule does not apply to its kernel (TVM could not read it): dropped")
+        ctx.warnings.append(f"the tuning database {db.path} held {db.dropped} record(s) whose schedule does not apply to its kernel (TVM could not read it): "
+                            f"moved to {db.path / DROPPED}")
     if report.untuned and not report.fell_back and not report.exported:
         ctx.warnings.append(f"{len(report.untuned)} of {len(tasks)} tuning tasks have no valid schedule in the database and use the default one: {', '.join(report.untuned[:8])}")
     with target, cache:

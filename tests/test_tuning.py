@@ -525,3 +525,4 @@ def test_a_record_whose_schedule_does_not_apply_is_skipped_on_merge_and_dropped_
         ms.database.JSONDatabase(work_dir=str(db.path), allow_missing=True)
     loaded = db.load()
     assert db.dropped == 1 and len(loaded.get_all_tuning_records()) == 1
+    assert len((db.path / tuning.DROPPED).read_text().splitlines()) == 1  # kept aside, not lost
