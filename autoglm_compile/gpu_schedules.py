@@ -57,17 +57,26 @@ TILES = (Tile(4, 4), Tile(2, 2, k_frags=2), Tile(1, 2), Tile(2, 1), Tile(1, 1))
 DEFAULT_TILE = TILES[1]
 
 
+# wmma operand dtype -> (accumulator dtypes to try, shared-memory row padding in elements). wmma reads a fragment's
+# rows at a stride that is a multiple of 16 bytes: 8 float16 or 16 int8 elements of padding keep it one.
+WMMA_DTYPES = {"float16": (("float32", "float16"), 8), "int8": (("int32",), 16)}
+
+
 def wmma_schedule(func, tile: Tile):
-    """func (a GEMM-like PrimFunc with float16 operands) scheduled on wmma tensor cores with the given tile, or None
-    when the intrinsics do not match it."""
+    """func (a GEMM-like PrimFunc with float16 or int8 operands) scheduled on wmma tensor cores with the given tile,
+    or None when the intrinsics do not match it."""
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import get_root_block
-    from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers, get_reduction_blocks
+    from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers, get_in_out_dtypes, get_reduction_blocks
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
     warp, vector = 32, 4
     sch = s_tir.Schedule(func)
     main = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))[0]
+    in_dtype = str(get_in_out_dtypes(sch.get(main))[0])
+    if in_dtype not in WMMA_DTYPES:
+        return None
+    out_dtypes, row_pad = WMMA_DTYPES[in_dtype]
     _normalize(sch, main)
     sch.pad_einsum(main, [1, tile.rows, tile.cols, FRAG * tile.k_frags])  # whole block tiles
 
@@ -102,7 +111,7 @@ def wmma_schedule(func, tile: Tile):
         sch.bind(tx, "threadIdx.x")
         sch.bind(ty, "threadIdx.y")
         sch.vectorize(vec)
-        sch.storage_align(stage, 0, axis=-2, factor=16, offset=8)  # against shared-memory bank conflicts
+        sch.storage_align(stage, 0, axis=-2, factor=16, offset=row_pad)  # against shared-memory bank conflicts
         sch.annotate(stage, "tirx.manifest_shared_memory_local_stage", 1)
         sch.annotate(stage, "double_buffer_scope", 0)
         auto_inline_producers(sch, stage)
@@ -124,8 +133,8 @@ def wmma_schedule(func, tile: Tile):
     sch.reverse_compute_at(out_shared, warps)
     init = sch.get_child_blocks(sch.decompose_reduction(outer, k_stage))[0]
 
-    for out_dtype in ("float32", "float16"):  # float32 accumulation where the GEMM has it
-        intrins = get_wmma_intrin_group(load_scope="shared.dyn", store_scope=out_scope, in_dtype="float16", out_dtype=out_dtype, trans_b=True)
+    for out_dtype in out_dtypes:  # float32 accumulation where the GEMM has it
+        intrins = get_wmma_intrin_group(load_scope="shared.dyn", store_scope=out_scope, in_dtype=in_dtype, out_dtype=out_dtype, trans_b=True)
         attempt = sch.copy()
         try:
             for block, name in ((frag_a, "load_a"), (frag_b, "load_b")):
@@ -168,8 +177,8 @@ def _by_fragment(sch, block):
 
 
 def tensor_core_gemm(func, target) -> tuple[int, int, int, int] | None:
-    """(S, I, J, K) of func when it is a GEMM the tensor-core schedule takes on this target (float16 operands, static
-    extents, I, J and K all at least TENSOR_CORE_MIN); None otherwise."""
+    """(S, I, J, K) of func when it is a GEMM the tensor-core schedule takes on this target (float16 or int8 operands,
+    static extents, I, J and K all at least TENSOR_CORE_MIN); None otherwise."""
     from tvm import s_tir, tirx
     from tvm.s_tir.dlight.analysis import get_root_block
     from tvm.s_tir.dlight.gpu.matmul import check_sm_version, get_in_out_dtypes, get_index_map, get_reduction_blocks
@@ -185,7 +194,7 @@ def tensor_core_gemm(func, target) -> tuple[int, int, int, int] | None:
     _normalize(sch, main)
     block = sch.get(main)
     extents = [iv.dom.extent for iv in block.iter_vars]
-    if get_in_out_dtypes(block)[0] != "float16" or not all(isinstance(e, tirx.IntImm) for e in extents):
+    if get_in_out_dtypes(block)[0] not in WMMA_DTYPES or not all(isinstance(e, tirx.IntImm) for e in extents):
         return None
     s, i, j, k = (int(e) for e in extents)
     return (s, i, j, k) if min(i, j, k) >= TENSOR_CORE_MIN else None
@@ -253,6 +262,9 @@ def split_k_factor(m: int, n: int, k: int, sms: int, tile=None, channels: tuple[
 
 
 SPLIT_K_MIN = 128  # the shortest K slice (on the H200, ResNet-50 fp16 untuned: 0.627 ms with 128, 0.700 with 256)
+# (A, B, output) dtypes of the GEMMs split: ToMixedPrecision's float16 ones and int8_kernels' int8 ones
+SPLIT_DTYPES = {("float16", "float16", "float32"), ("int8", "int8", "int32")}
+CONV_LAYOUTS = {("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")}  # float16 convs are NCHW, int8 ones NHWC
 
 
 def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
@@ -287,8 +299,7 @@ def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
                 b_shape = [int(d) for d in b.ty.shape]
             except (AttributeError, TypeError):  # dynamic shapes
                 return call
-            if (len(b_shape) != 2 or len(a_shape) < 2 or str(a.ty.dtype) != "float16" or str(b.ty.dtype) != "float16"
-                    or str(call.ty.dtype) != "float32"):
+            if len(b_shape) != 2 or len(a_shape) < 2 or (str(a.ty.dtype), str(b.ty.dtype), str(call.ty.dtype)) not in SPLIT_DTYPES:
                 return call
             k, n = b_shape
             m = 1
@@ -310,16 +321,23 @@ def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
             return relax.op.reshape(total, a_shape[:-1] + [n])
 
         def conv(self, call):
-            """conv2d NCHW/OIHW, one group, float16 operands and float32 output: split along the input channels."""
+            """conv2d NCHW/OIHW (float16 operands, float32 output) or NHWC/OHWI (int8 operands, int32 output), one
+            group: split along the input channels."""
             x, w = call.args
             at = call.attrs
-            if (str(at.data_layout) != "NCHW" or str(at.kernel_layout) != "OIHW" or str(at.out_layout) != "NCHW" or int(at.groups) != 1
-                    or str(x.ty.dtype) != "float16" or str(w.ty.dtype) != "float16" or str(call.ty.dtype) != "float32"):
+            layout = (str(at.data_layout), str(at.kernel_layout), str(at.out_layout))
+            if (layout not in CONV_LAYOUTS or int(at.groups) != 1
+                    or (str(x.ty.dtype), str(w.ty.dtype), str(call.ty.dtype)) not in SPLIT_DTYPES):
                 return call
+            nhwc = layout[0] == "NHWC"
             try:
-                (batch, c, _h, _w), (o, _c, kh, kw), (_b, _o, oh, ow) = ([int(d) for d in t] for t in (x.ty.shape, w.ty.shape, call.ty.shape))
+                x_shape, w_shape, out_shape = ([int(d) for d in t] for t in (x.ty.shape, w.ty.shape, call.ty.shape))
             except (AttributeError, TypeError):
                 return call
+            if nhwc:  # NHWC / OHWI / NHWC
+                (batch, _h, _w, c), (o, kh, kw, _c), (_b, oh, ow, _o) = x_shape, w_shape, out_shape
+            else:
+                (batch, c, _h, _w), (o, _c, kh, kw), (_b, _o, oh, ow) = x_shape, w_shape, out_shape
             m, k = batch * oh * ow, c * kh * kw
             if min(m, o, k) < TENSOR_CORE_MIN:
                 return call
@@ -329,7 +347,7 @@ def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
             if splits is not None:
                 splits.append(("conv2d", s))
             parts = self.builder_.emit_te(_split_k_conv, x, w, s, [int(v) for v in at.strides], [int(v) for v in at.padding],
-                                          [int(v) for v in at.dilation], (oh, ow), primfunc_name_hint="conv2d_split_k")
+                                          [int(v) for v in at.dilation], (oh, ow), nhwc, primfunc_name_hint="conv2d_split_k")
             return self.builder_.call_te(_split_k_sum, parts, primfunc_name_hint="split_k_sum")  # a call, not a var: FuseOps fuses no alias binding
 
     mutator = SplitK(mod)
@@ -340,37 +358,55 @@ def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
 
 
 def _split_k_gemm(a, b, s: int):
-    """parts[s, m, n] = sum over k of A[m, s*K/S + k] * B[s*K/S + k, n], float16 operands, float32 sums: a batched
-    GEMM whose batch is the slice of K (DLight's reindexing makes A[S, M, K/S] of it in the shared-memory loads). A
-    float32 A is cast to float16 in a block of the same function, which the schedule inlines into its shared-memory
-    load."""
+    """parts[s, m, n] = sum over k of A[m, s*K/S + k] * B[s*K/S + k, n], float16 operands and float32 sums (int8 and
+    int32): a batched GEMM whose batch is the slice of K (DLight's reindexing makes A[S, M, K/S] of it in the
+    shared-memory loads). A float32 A is cast to float16 in a block of the same function, which the schedule inlines
+    into its shared-memory load."""
     from tvm import te
 
     (m, k), n = a.shape, b.shape[1]
-    if a.dtype != "float16":
+    if a.dtype == "float32":
         a = te.compute(a.shape, lambda i, j: a[i, j].astype("float16"), name="cast_a")
+    acc = "int32" if b.dtype == "int8" else "float32"
     depth = int(k) // s
     r = te.reduce_axis((0, depth), name="k")
-    return te.compute((s, m, n), lambda p, i, j: te.sum(a[i, p * depth + r].astype("float32") * b[p * depth + r, j].astype("float32"), axis=r),
+    return te.compute((s, m, n), lambda p, i, j: te.sum(a[i, p * depth + r].astype(acc) * b[p * depth + r, j].astype(acc), axis=r),
                       name="matmul_split_k")
 
 
-def _split_k_conv(x, w, s: int, strides, padding, dilation, out_hw):
+def _split_k_conv(x, w, s: int, strides, padding, dilation, out_hw, nhwc: bool = False):
     """parts[s, n, o, y, x] = the conv2d (NCHW, OIHW) over the s-th slice of the input channels, float16 operands,
-    float32 sums: a convolution whose batch of GEMMs is the channel slice (DLight's reindexing makes it an implicit
-    GEMM, as for topi's conv2d)."""
+    float32 sums; parts[s, n, y, x, o] for an NHWC/OHWI conv with int8 operands and int32 sums: a convolution whose
+    batch of GEMMs is the channel slice (DLight's reindexing makes it an implicit GEMM, as for topi's conv2d)."""
     from tvm import te, tirx
 
-    n, c, h, wd = (int(d) for d in x.shape)
-    o, _, kh, kw = (int(d) for d in w.shape)
+    if nhwc:
+        n, h, wd, c = (int(d) for d in x.shape)
+        o, kh, kw, _ = (int(d) for d in w.shape)
+    else:
+        n, c, h, wd = (int(d) for d in x.shape)
+        o, _, kh, kw = (int(d) for d in w.shape)
     top, left, bottom, right = padding
-    padded = te.compute((n, c, h + top + bottom, wd + left + right), lambda b, ch, yy, xx: tirx.if_then_else(
-        tirx.all(yy >= top, yy < h + top, xx >= left, xx < wd + left), x[b, ch, yy - top, xx - left], tirx.const(0, x.dtype)), name="pad_temp")
+    acc = "int32" if w.dtype == "int8" else "float32"
+
+    def inside(yy, xx):
+        return tirx.all(yy >= top, yy < h + top, xx >= left, xx < wd + left)
+
+    if nhwc:
+        padded = te.compute((n, h + top + bottom, wd + left + right, c), lambda b, yy, xx, ch: tirx.if_then_else(
+            inside(yy, xx), x[b, yy - top, xx - left, ch], tirx.const(0, x.dtype)), name="pad_temp")
+    else:
+        padded = te.compute((n, c, h + top + bottom, wd + left + right), lambda b, ch, yy, xx: tirx.if_then_else(
+            inside(yy, xx), x[b, ch, yy - top, xx - left], tirx.const(0, x.dtype)), name="pad_temp")
     depth = c // s
     rc, ry, rx = te.reduce_axis((0, depth), name="rc"), te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
     (sy, sx), (dy, dx) = strides, dilation
+    if nhwc:
+        return te.compute((s, n) + tuple(out_hw) + (o,), lambda p, b, yy, xx, oc: te.sum(
+            padded[b, yy * sy + ry * dy, xx * sx + rx * dx, p * depth + rc].astype(acc) * w[oc, ry, rx, p * depth + rc].astype(acc),
+            axis=[ry, rx, rc]), name="conv2d_split_k")
     return te.compute((s, n, o) + tuple(out_hw), lambda p, b, oc, yy, xx: te.sum(
-        padded[b, p * depth + rc, yy * sy + ry * dy, xx * sx + rx * dx].astype("float32") * w[oc, p * depth + rc, ry, rx].astype("float32"),
+        padded[b, p * depth + rc, yy * sy + ry * dy, xx * sx + rx * dx].astype(acc) * w[oc, p * depth + rc, ry, rx].astype(acc),
         axis=[rc, ry, rx]), name="conv2d_split_k")
 
 

@@ -32,9 +32,13 @@ PP-OCRv4 detector's 24) are padded with zero weights, the extra outputs sliced o
 are plain int8 matmuls without vpdpbusd.
 Tuning (--tune) then emits vpdpbusd; untuned default schedules do not. aarch64 (dotprod): activations are shifted to
 int8 (xq - 128, zx - 128: exact) for sdot, with plain int8 ops; sdot emission there is not verified.
+CUDA (sm_75 and newer): activations are shifted to int8 as on aarch64, and the int8 convs (NHWC) and matmuls run on
+the tensor cores' int8 fragments (gpu_schedules.wmma_schedule: wmma 16x16x16, s8 x s8 -> s32), their K split where
+they launch less than a wave of thread blocks (gpu_schedules.split_k). No tuning is needed for that.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,10 +48,20 @@ DOT_FEATURES = {"x86_64": [("avx512vnni", "vpdpbusd (AVX512-VNNI)"), ("avxvnni",
                 "aarch64": [("dotprod", "sdot (dotprod)")]}
 
 
+CUDA_INT8 = "int8 tensor cores (wmma s8 x s8 -> s32)"
+CUDA_INT8_MIN_SM = 75  # wmma's 8-bit fragments: sm_72 and newer; Turing (sm_75) is the first GPU family with them in the field
+
+
 def int8_dot_product(target) -> str | None:
-    """The int8 dot-product instruction a TVM llvm target can use (from its mcpu and mattr), or None."""
+    """The int8 dot-product instruction a TVM llvm target can use (from its mcpu and mattr), or on a cuda target
+    the int8 tensor cores (sm_75 and newer); None where there is none."""
     from tvm.target import codegen
 
+    if target.kind.name == "cuda":
+        from tvm.s_tir.dlight.gpu.matmul import check_sm_version
+
+        arch = str(target.attrs.get("arch", ""))
+        return CUDA_INT8 if arch and check_sm_version(arch) >= CUDA_INT8_MIN_SM else None
     if target.kind.name != "llvm":
         return None
     triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
@@ -157,7 +171,7 @@ def rewrite(mod, target):
 
     instruction = int8_dot_product(target)
     summary = Int8Summary(instruction)
-    signed = instruction is not None and instruction.startswith("sdot")
+    signed = instruction is not None and (instruction.startswith("sdot") or instruction == CUDA_INT8)  # s8 x s8
     packed = instruction is not None and instruction.startswith("vpdpbusd")
     op = tvm.ir.Op.get
     CONV, MATMUL, DQ, PERMUTE = op("relax.nn.conv2d"), op("relax.matmul"), op("relax.dequantize"), op("relax.permute_dims")
@@ -217,7 +231,7 @@ def rewrite(mod, target):
             return w, s
 
         def _input(self, xq, zx):
-            """The activations in the dtype the dot product takes (uint8 on x86, int8 on aarch64)."""
+            """The activations in the dtype the dot product takes (uint8 on x86, int8 on aarch64 and CUDA)."""
             want = "int8" if signed else "uint8"
             if xq.ty.dtype == want:
                 return xq, zx
@@ -482,8 +496,18 @@ def sink_transposes(mod):
     return relax.transform.DeadCodeElimination()(sinker.builder_.get())
 
 
-def dot_kernels(lowered) -> tuple[int, int]:
-    """(kernels that call the int8 dot-product instruction, int8 kernels) in a lowered module."""
+_INT8_PRODUCT = re.compile(r'T\.Cast\("int32", \w+\[[^\]]*\]\) \* T\.Cast\("int32", \w+\[')
+
+
+def dot_kernels(lowered, cuda: bool = False) -> tuple[int, int]:
+    """(kernels that call the int8 dot-product instruction, int8 kernels) in a lowered module. CUDA: the kernels on
+    int8 tensor cores (wmma on int8 fragments), and those that multiply int8 operands into int32 sums without them."""
+    if cuda:
+        from tvm import tirx
+
+        scripts = [f.script() for _, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+        used = sum("tvm_mma_sync" in t and '"int8"' in t for t in scripts)
+        return used, used + sum("tvm_mma_sync" not in t and bool(_INT8_PRODUCT.search(t)) for t in scripts)
     names = [(str(g.name_hint), f) for g, f in lowered.functions_items() if "int8_packed" in str(g.name_hint)]
     # a kernel and its weight-packing function (SplitLayoutRewritePreproc's "_weight_prepack") share the name: count
     # the compute ones
@@ -495,16 +519,18 @@ def describe(summary: Int8Summary, dot: tuple[int, int] | None = None) -> str:
     """The report's `int8 kernels` text."""
     floats = "; ".join(f"{k} x{n}" for k, n in sorted(summary.kept_float.items()))
     if summary.instruction is None:
-        return ("no: the target has no int8 dot product (x86 avx512vnni/avxvnni, aarch64 dotprod), so Conv/MatMul/Gemm "
+        return ("no: the target has no int8 dot product (x86 avx512vnni/avxvnni, aarch64 dotprod, CUDA sm_75+), so Conv/MatMul/Gemm "
                 "stay float32 on the dequantized tensors (QDQ simulated in float)" + (f"; {floats}" if floats else ""))
     both = f", {summary.activation_matmuls} of them of two activations" if summary.activation_matmuls else ""
-    text = (f"{summary.convs} Conv and {summary.matmuls} MatMul/Gemm{both} as int8 x int8 -> int32 (uint8 activations, int8 weights, "
+    activations = "uint8 activations" if summary.instruction.startswith("vpdpbusd") else "int8 activations (uint8 ones shifted by -128)"
+    text = (f"{summary.convs} Conv and {summary.matmuls} MatMul/Gemm{both} as int8 x int8 -> int32 ({activations}, int8 weights, "
             f"requantized by the QuantizeLinear after them)")
     if dot is not None:
         used, total = dot
         text += f"; {used} of {total} int8 kernels use {summary.instruction}" if total else f"; no kernel uses {summary.instruction}"
         if used < total:
-            text += " (the others have no tuned schedule with it: build with --tune)"
+            text += (" (the others do not fit its tiles)" if summary.instruction == CUDA_INT8
+                     else " (the others have no tuned schedule with it: build with --tune)")
     return text + (f"; kept in float: {floats}" if floats else "")
 
 

@@ -115,7 +115,7 @@ class Job:
     input_rule: str = RANDOM_INPUT_RULE  # where the verification inputs came from (stated in the report)
     samples: list = field(default_factory=list)  # (file, feeds, reference) of the sample inputs after the first
     partition: object = None  # partition.Plan when some nodes run on ONNX Runtime (--fallback onnxruntime)
-    int8: object = None  # int8_kernels.Int8Summary: the int8 x int8 -> int32 rewrite of a QDQ model (CPU targets)
+    int8: object = None  # int8_kernels.Int8Summary: the int8 x int8 -> int32 rewrite of a QDQ model (CPU and CUDA targets)
 
 
 # ------------------------------------------------------------------------------------------------------ stages
@@ -227,7 +227,7 @@ def stage_import(job: Job) -> None:
         partition.stage_import(job)
         return
     job.relax_mod = import_relax(job.model, job.inputs)
-    if job.config.precision in ("int8", "mixed") and job.target.kind == "cpu":  # int8 kernels where the CPU has a dot product
+    if job.config.precision in ("int8", "mixed") and job.target.kind in ("cpu", "cuda"):  # int8 kernels where the target has a dot product
         from .int8_kernels import apply
 
         apply(job)
@@ -257,7 +257,7 @@ def stage_schedule(job: Job) -> None:
     if job.int8 is not None and job.lowered is not None and job.report.quantization is not None:
         from .int8_kernels import describe, dot_kernels
 
-        job.report.quantization.int8_kernels = describe(job.int8, dot_kernels(job.lowered))
+        job.report.quantization.int8_kernels = describe(job.int8, dot_kernels(job.lowered, cuda=job.target.kind == "cuda"))
 
 
 def stage_build(job: Job) -> None:

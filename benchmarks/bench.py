@@ -14,7 +14,7 @@ host: for each model (transformers ResNetConfig() / BertConfig() at seq 128, bat
   Each contender runs in its own process, one after another: p50 over the runs after warm-up, and the process's
   peak RSS (interpreter and libraries included).
 gpu (on the GPU machine, TVM runtime only): builds from benchmarks/roofline_calibration.py gpu-build (weights as
-  parameters), timed against PyTorch eager fp32/fp16 and torch.compile fp16 (default; max-autotune with
+  parameters) or artifact folders of the CLI (int8: the weights are in the library; see ours_artifact), timed against PyTorch eager fp32/fp16 and torch.compile fp16 (default; max-autotune with
   --max-autotune; --peers picks them), accuracy of ours against ONNX Runtime CPU on the same inputs (max abs error,
   lowest cosine, allclose at --rtol/--atol).
 """
@@ -172,9 +172,6 @@ def gpu(args) -> None:
 
     import tvm
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from roofline_device import feeds_for, run_ort, run_tvm
-
     ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_LOCAL)
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
     results = {"mode": "gpu", "machine": smi, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -182,24 +179,18 @@ def gpu(args) -> None:
     done = set()
     for b in args.builds:
         build = Path(b)
-        meta = json.loads((build / "meta.json").read_text())
-        model = "resnet50" if "resnet" in meta["model"] else "bert"
-        inputs, weights = feeds_for(meta, np.random.default_rng(0))
-        then = feeds_for(meta, np.random.default_rng(1))[0]
-        outs, t = run_tvm(build, meta, inputs, weights, then)
-        ref = run_ort(build, inputs, weights)
-        then_ref = run_ort(build, then, weights)
-        t["then_max_abs_err_vs_ort_cpu"] = max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(t.pop("then_outputs"), then_ref))
-        err = max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(outs, ref))
-        cos = min(float(np.dot(a.ravel().astype(np.float64), r.ravel()) / (np.linalg.norm(a.astype(np.float64)) * np.linalg.norm(r) + 1e-30)) for a, r in zip(outs, ref))
-        ok = all(np.allclose(a, r, rtol=args.rtol, atol=args.atol) for a, r in zip(outs, ref))
+        # an artifact folder of the CLI (int8 builds: the rewrite needs the weights in the library), or a gpu-build one
+        try:
+            model, entry = ours_artifact(build) if (build / "manifest.json").exists() else gpu_build_entry(build, args)
+        except Exception as e:  # the other builds and the peers still run
+            model = "resnet50" if "r50" in build.name or "resnet" in build.name else "bert"
+            entry = {"kind": f"ours {build.name}", "error": f"{type(e).__name__}: {e}"[:500]}
         row = next((r for r in results["models"] if r["model"] == model), None)
         if row is None:
             row = {"model": model, "label": MODELS[model]["label"], "contenders": []}
             results["models"].append(row)
-        row["contenders"].append({"kind": f"ours {meta.get('variant', build.name)}", **t, "max_abs_err_vs_ort_cpu": err, "min_cosine_vs_ort_cpu": cos,
-                                  f"allclose_rtol{args.rtol:g}_atol{args.atol:g}": ok, "build_s": meta.get("build_seconds"), "tuning": meta.get("tuning")})
-        print(json.dumps(row["contenders"][-1]), flush=True)
+        row["contenders"].append(entry)
+        print(json.dumps(entry), flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # what a call cut short by its time limit leaves
         if model in done:
             continue
@@ -233,6 +224,69 @@ def gpu(args) -> None:
             print(json.dumps(entry), flush=True)
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def gpu_build_entry(build: Path, args) -> tuple[str, dict]:
+    """(model, contender) for a gpu-build folder (weights as parameters, drawn from meta.json): timed, and checked
+    against ONNX Runtime CPU on graph.onnx with the same inputs and weights."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from roofline_device import feeds_for, run_ort, run_tvm
+
+    meta = json.loads((build / "meta.json").read_text())
+    model = "resnet50" if "resnet" in meta["model"] else "bert"
+    inputs, weights = feeds_for(meta, np.random.default_rng(0))
+    then = feeds_for(meta, np.random.default_rng(1))[0]
+    outs, t = run_tvm(build, meta, inputs, weights, then)
+    ref = run_ort(build, inputs, weights)
+    then_ref = run_ort(build, then, weights)
+    t["then_max_abs_err_vs_ort_cpu"] = max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(t.pop("then_outputs"), then_ref))
+    err = max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(outs, ref))
+    cos = min(float(np.dot(a.ravel().astype(np.float64), r.ravel()) / (np.linalg.norm(a.astype(np.float64)) * np.linalg.norm(r) + 1e-30)) for a, r in zip(outs, ref))
+    ok = all(np.allclose(a, r, rtol=args.rtol, atol=args.atol) for a, r in zip(outs, ref))
+    return model, {"kind": f"ours {meta.get('variant', build.name)}", **t, "max_abs_err_vs_ort_cpu": err, "min_cosine_vs_ort_cpu": cos,
+                   f"allclose_rtol{args.rtol:g}_atol{args.atol:g}": ok, "build_s": meta.get("build_seconds"), "tuning": meta.get("tuning")}
+
+
+def ours_artifact(build: Path) -> tuple[str, dict]:
+    """(model, contender) for an artifact folder of the CLI on the GPU machine: timed with device-resident inputs
+    (CompiledModel.run_prepared, as run_tvm), accuracy on its stored verification inputs against the fp32 ONNX Runtime
+    outputs stored with them (verify/expected.npz) and, when model.opt.onnx came along (an int8 build's QDQ model),
+    against ONNX Runtime CPU on that QDQ model."""
+    sys.path.insert(0, str(ROOT))
+    import autoglm_compile
+
+    m = autoglm_compile.load(build)
+    report = json.loads((build / "report.json").read_text())
+    model = "resnet50" if "resnet" in report["model"] else "bert"
+    verify = m.manifest["verify"]
+    with np.load(build / verify["inputs"]) as z:
+        feeds = {k: z[k] for k in z.files}
+    with np.load(build / verify["expected"]) as z:
+        expected = [z[o["name"]] for o in m.outputs]
+    args = m.prepare(feeds)
+    out = m.run_prepared(args)
+    outs = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+    def cosine(a, r):
+        a, r = a.ravel().astype(np.float64), r.ravel().astype(np.float64)
+        return float(a @ r / (np.linalg.norm(a) * np.linalg.norm(r) + 1e-30))
+
+    entry = {"kind": f"ours {report['precision']} (CLI artifact)", **timed(lambda: m.run_prepared(args), 10, 500, 5.0),
+             "min_cosine_vs_fp32_ort_cpu": min(cosine(a, r) for a, r in zip(outs, expected)),
+             "max_abs_err_vs_fp32_ort_cpu": max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(outs, expected)),
+             "build_s": sum(st["seconds"] for st in report["stages"]), "int8_kernels": (report.get("quantization") or {}).get("int8_kernels"),
+             "schedule": report.get("schedule")}
+    if (build / "model.opt.onnx").exists():
+        import onnxruntime as ort
+
+        try:
+            ref = ort.InferenceSession(str(build / "model.opt.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+        except Exception as e:  # an older ONNX Runtime than the build machine's
+            entry["qdq_ort_cpu_error"] = f"{type(e).__name__}: {e}"[:300]
+        else:
+            entry["min_cosine_vs_qdq_ort_cpu"] = min(cosine(a, r) for a, r in zip(outs, ref))
+            entry["max_abs_err_vs_qdq_ort_cpu"] = max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(outs, ref))
+    return model, entry
 
 
 # ---------------------------------------------------------------------------------------------------- tables
