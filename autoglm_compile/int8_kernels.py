@@ -49,6 +49,9 @@ DOT_FEATURES = {"x86_64": [("avx512vnni", "vpdpbusd (AVX512-VNNI)"), ("avxvnni",
 
 
 CUDA_INT8 = "int8 tensor cores (wmma s8 x s8 -> s32)"
+# Attention's matmuls of two activations stay float on CUDA: in int8 their zero points need the row sums of A and the
+# column sums of B, 4 reduction kernels more per attention (on the H200, BERT-base int8: see docs/int8.md).
+CUDA_ACTIVATION_MATMULS = False
 CUDA_INT8_MIN_SM = 75  # wmma's 8-bit fragments: sm_72 and newer; Turing (sm_75) is the first GPU family with them in the field
 
 
@@ -304,6 +307,9 @@ def rewrite(mod, target):
             act = self._activation(call.args[0])
             wt = self._weight(call.args[1], 1)
             if not isinstance(act, str) and isinstance(wt, str) and not isinstance(other := self._activation(call.args[1], permuted=True), str):
+                if instruction == CUDA_INT8 and not CUDA_ACTIVATION_MATMULS:
+                    summary.keep("MatMul", "of two activations (attention): on CUDA its zero-point row and column sums would be 4 kernels more")
+                    return call
                 both = self._matmul_activations(*act, *other)
                 return call if both is None else both
             for found in (act, wt):

@@ -1,10 +1,14 @@
 """Calibrate the roofline estimate (autoglm_compile.estimate) against measured latencies.
 
-Two commands:
+Commands:
 
   host MODEL.onnx [--dim k=v ...]
       Compile for `host` (the report has the measured TVM and ONNX Runtime latencies and the estimate) and print
       estimate / measured ratios. Slow: untuned TVM on CPU takes seconds per ResNet-50 run.
+
+  gpu-build-int8 MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100] [--no-cuda-graph] [--int8-attention]
+      An int8 build (synthetic calibration, the int8 rewrite) with its constants lifted into parameters, for timing
+      on the GPU machine with random weights (gpu_build_int8); the CLI artifact of a smaller model checks accuracy.
 
   estimate MODEL.onnx [--dim k=v ...] --target T [--target T2 ...] [--bandwidth-gbps B]
       Print the estimate of the optimized graph for each target (B replaces the descriptor's bandwidth).
@@ -150,6 +154,94 @@ def gpu_build(args) -> None:
           f"{len(weights)} weights as parameters; estimate {est.total_ms:.3f} ms (H100), {h200.total_ms:.3f} ms (H200 bandwidth)")
 
 
+def gpu_build_int8(args) -> None:
+    """An int8 build for a CUDA target with its constants lifted into parameters: the CLI's stages up to the import
+    (quantization with synthetic calibration, the int8 rewrite), then every constant of at least --min-elements
+    elements (int8 weights, their zero-point corrections and scales, the float embeddings) becomes a parameter, so the
+    library holds code only (BERT-base int8 with its weights is over the GPU machine's 64 MiB transfer limit).
+    meta.json describes each parameter (floats: mean and std; integers: their range), and the GPU machine draws them
+    at random: the timing does not depend on the values, and there is no reference to check the outputs against (the
+    CLI artifact of a smaller model with the same layers checks the kernels: docs/int8.md)."""
+    import autoglm_compile.pipeline as P
+    from autoglm_compile.target import resolve_target
+    from autoglm_compile.toolchain import check_toolchain, export_library
+    from autoglm_compile.tvm_build import ScheduleContext, build, lower
+
+    from autoglm_compile import int8_kernels
+
+    int8_kernels.CUDA_ACTIVATION_MATMULS = args.int8_attention
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    opts = P.CompileOptions(source=args.model, target=args.target, output=out / "unused", dims=args.dim, precision="int8", calib_synthetic=True)
+    desc = resolve_target(args.target)
+    check_toolchain(desc)
+    cfg = P.resolve_config(opts, desc)
+    job = P.Job(opts=opts, config=cfg, target=desc, progress=P.Progress(), staging=P.Staging(opts.output))
+    job.report = P.Report(tool_version="bench", model=args.model, frontend="?", target=desc.name, target_kind=desc.kind, config=cfg.name,
+                          precision=cfg.precision, inputs=[], outputs=[])
+    try:
+        for name, fn in P.STAGES:
+            fn(job)
+            if name == "import":
+                break
+    finally:
+        job.staging.discard()
+    mod, weights = lift_constants(job.relax_mod, args.min_elements)
+    mod["main"] = mod["main"].with_attr("num_input", len(job.inputs))  # the lifted weights are fixed: CUDA graphs capture their kernels
+    sched = ScheduleContext(desc=desc, cuda_graph=not args.no_cuda_graph, split_k=True)
+    lowered, target = lower(mod, desc, "default", sched)
+    if args.kernels:  # the kernels main launches, in order
+        import re
+
+        Path(args.kernels).write_text("\n".join(re.findall(r"= cls\.(\w+)\(", lowered["main"].script())) + "\n")
+    from autoglm_compile.int8_kernels import describe, dot_kernels
+
+    kernels = describe(job.int8, dot_kernels(lowered, cuda=True))
+    export_library(build(lowered, target).executable, str(out / "model.so"), desc, target)
+    build_s = time.perf_counter() - t0
+    meta = {"model": Path(args.model).name, "target": desc.name, "tvm_target": desc.tvm_target(), "inputs": [s.as_dict() for s in job.inputs],
+            "weights": weights, "outputs": job.output_names, "build_seconds": build_s, "variant": args.variant or "int8 (weights lifted, random)",
+            "precision": "int8", "cuda_graph": not args.no_cuda_graph, "split_k_sms": desc.cuda.sm_count, "reference": None, "int8_kernels": kernels,
+            "schedule": sched.notes}
+    (out / "meta.json").write_text(json.dumps(meta) + "\n")
+    print(f"{args.model}: int8 built for {desc.name} in {build_s:.1f} s, library {(out / 'model.so').stat().st_size / 2**20:.1f} MiB, "
+          f"{len(weights)} constants lifted; {kernels}")
+
+
+def lift_constants(mod, min_elements: int):
+    """(mod, specs): main's constants of at least min_elements elements as parameters w0, w1, ... after its inputs;
+    specs describe each (shape, dtype; floats mean and std, integers low and high)."""
+    from tvm import relax
+
+    specs, lifted, keep = [], {}, []
+
+    @relax.expr_functor.mutator
+    class Lift(relax.PyExprMutator):
+        def visit_generic_const_(self, const):  # TVM 0.27's relax constants (tvm.ir.expr.Constant)
+            a = const.value.numpy()
+            if a.size < min_elements:
+                return const
+            key = const.__hash__()  # the object's address (same_as); `keep` holds it, so no other takes it
+            if key not in lifted:
+                keep.append(const)
+                name = f"w{len(specs)}"
+                lifted[key] = relax.Var(name, relax.TensorType(a.shape, str(a.dtype)))
+                spec = {"name": name, "shape": list(a.shape), "dtype": str(a.dtype)}
+                if np.issubdtype(a.dtype, np.floating):
+                    spec.update(mean=float(a.mean()), std=float(a.std()))
+                else:
+                    spec.update(low=int(a.min()), high=int(a.max()))
+                specs.append(spec)
+            return lifted[key]
+
+    main = mod["main"]
+    body = Lift().visit_expr(main.body)
+    params = list(main.params) + list(lifted.values())
+    mod["main"] = relax.Function(params, body, main.ret_ty, main.is_pure, main.attrs)
+    return mod, specs
+
+
 def accumulate_in_float32(mod):
     """conv2d and matmul on float16 operands accumulate in float32 (out_dtype float32, then a cast to float16, which
     FuseOps fuses into the kernel): a float16 graph (convert-float16) keeps its float16 tensors, and DLight's
@@ -267,13 +359,23 @@ def main() -> None:
                    help="split the K of float16 GEMMs that launch fewer thread blocks than SMS (gpu_schedules.split_k); 0: off; default: the descriptor's cuda.sm_count")
     g.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")
     g.add_argument("--tile", help="ROWSxCOLS: every float16 tensor-core GEMM untuned gets this tile of gpu_schedules.TILES (default: DEFAULT_TILE)")
+    q = sub.add_parser("gpu-build-int8")
+    q.add_argument("model")
+    q.add_argument("out")
+    q.add_argument("--dim", action="append", default=[])
+    q.add_argument("--target", default="nvidia-h100")
+    q.add_argument("--min-elements", type=int, default=1024, help="constants this large become parameters")
+    q.add_argument("--variant", help="a label for this build in the benchmark tables")
+    q.add_argument("--no-cuda-graph", action="store_true", help="kernels launched one by one (benchmarks/gpu_profile.py times each)")
+    q.add_argument("--int8-attention", action="store_true", help="attention's matmuls of two activations in int8 too (int8_kernels.CUDA_ACTIVATION_MATMULS)")
+    q.add_argument("--kernels", help="write the names of the kernels main launches, in order, to this file")
     e = sub.add_parser("estimate")
     e.add_argument("model")
     e.add_argument("--dim", action="append", default=[])
     e.add_argument("--target", action="append", default=[])
     e.add_argument("--bandwidth-gbps", type=float)
     args = p.parse_args()
-    {"host": host, "gpu-build": gpu_build, "estimate": estimate_cmd}[args.cmd](args)
+    {"host": host, "gpu-build": gpu_build, "gpu-build-int8": gpu_build_int8, "estimate": estimate_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def feeds_for(meta: dict, rng) -> tuple[dict, dict]:
     for w in meta["weights"]:
         if "values" in w:
             weights[w["name"]] = np.asarray(w["values"], dtype=w["dtype"]).reshape(w["shape"])
+        elif "low" in w:  # integers of a lifted int8 build (gpu-build-int8): drawn in their range
+            weights[w["name"]] = rng.integers(w["low"], w["high"] + 1, w["shape"]).astype(w["dtype"])
         else:
             weights[w["name"]] = rng.normal(w["mean"], w["std"], w["shape"]).astype(w["dtype"])
     return inputs, weights

@@ -182,3 +182,49 @@ def test_cli_int8_build_for_cuda_reports_tensor_cores(tmp_path):
     kernels = report.quantization.int8_kernels
     assert kernels.startswith("2 Conv and 1 MatMul/Gemm as int8 x int8 -> int32") and "2 of 3 int8 kernels use int8 tensor cores" in kernels
     assert (tmp_path / "a" / "model.so").exists()
+
+
+def _attention(tmp_path):
+    """MatMul(Relu(q), Transpose(k)), both inputs dequantized activations with non-zero zero points."""
+    from test_int8_kernels import _quantized
+
+    nodes = [helper.make_node("Relu", ["q"], ["qr"]), helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["qr", "kt"], ["y"])]
+    shape_q, shape_k = [1, 2, 64, 32], [1, 2, 64, 32]
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, shape_q), helper.make_tensor_value_info("k", TensorProto.FLOAT, shape_k)]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 64, 64])
+    rng = np.random.default_rng(0)
+    draw = lambda: {"q": rng.standard_normal(shape_q).astype(np.float32) + 0.3, "k": rng.standard_normal(shape_k).astype(np.float32) + 0.5}
+    return _quantized(tmp_path, make_model(nodes, inputs, [out], opset=13), [draw() for _ in range(8)]), draw, {"q": shape_q, "k": shape_k}
+
+
+@pytest.mark.parametrize("int8_attention", [False, True])
+def test_attention_matmul_of_two_activations_on_cuda(tmp_path, monkeypatch, int8_attention):
+    """By default attention's matmul stays float on CUDA (its zero-point sums cost more kernels than int8 saves), and
+    the report says why; with CUDA_ACTIVATION_MATMULS it is int8 x int8 -> int32 with both operands shifted to int8,
+    within one output step of ONNX Runtime's int8 kernels."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from autoglm_compile import int8_kernels
+    from autoglm_compile.target import resolve_target
+    from autoglm_compile.tvm_build import make_target
+
+    monkeypatch.setattr(int8_kernels, "CUDA_ACTIVATION_MATMULS", int8_attention)
+    model, draw, shapes = _attention(tmp_path)
+    mod, summary = rewrite(from_onnx(model, shape_dict=shapes, keep_params_in_input=False), make_target(resolve_target("nvidia-h100")))
+    if not int8_attention:
+        assert summary.rewritten == 0
+        assert summary.kept_float == {"MatMul: of two activations (attention): on CUDA its zero-point row and column sums would be 4 kernels more": 1}
+        return
+    assert (summary.matmuls, summary.activation_matmuls, summary.packed) == (1, 1, 0) and not summary.kept_float
+    assert 'R.matmul(' in mod["main"].script() and 'out_dtype="int32"' in mod["main"].script()
+    target = tvm.target.Target({"kind": "llvm"})
+    vm = relax.VirtualMachine(relax.build(relax.get_default_pipeline(target)(mod), target, relax_pipeline=None), tvm.cpu())
+    step = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "y_scale")))
+    for _ in range(3):
+        feeds = draw()
+        ours, ort = vm["main"](tvm.runtime.tensor(feeds["q"]), tvm.runtime.tensor(feeds["k"])).numpy(), run_ort(model, feeds)[0]
+        np.testing.assert_allclose(ours, ort, rtol=0, atol=step * 1.001)
+        assert np.mean(np.abs(ours - ort) < step * 1e-3) > 0.9

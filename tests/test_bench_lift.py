@@ -1,0 +1,47 @@
+"""benchmarks/roofline_calibration.py's lift_constants, which the int8 GPU timings rest on (gpu-build-int8): every
+large constant becomes its own parameter, and fed its value back, the module computes what it did."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+
+def _lift_constants():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "roofline_calibration.py"
+    spec = importlib.util.spec_from_file_location("roofline_calibration", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.lift_constants
+
+
+def test_each_large_constant_becomes_its_own_parameter():
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 64)).astype(np.float32)
+    w2 = rng.integers(-127, 128, (64, 64)).astype(np.int8)  # like-shaped: distinct objects must not share a parameter
+    bias = np.arange(64, dtype=np.float32)  # under min_elements: stays a constant
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(w1)))
+            y = bb.emit(relax.op.matmul(y, relax.op.astype(relax.const(w2), "float32")))
+            out = bb.emit_output(bb.emit(relax.op.add(y, relax.const(bias))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    feed = rng.standard_normal((4, 64)).astype(np.float32)
+
+    def run(m, *args):
+        ex = tvm.compile(m, target="llvm")
+        return relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+    want = run(mod, feed)
+    lifted, specs = _lift_constants()(mod, 1024)
+    assert [p.name for p in lifted["main"].params] == ["x", "w0", "w1"]
+    assert [(s["name"], s["shape"], s["dtype"]) for s in specs] == [("w0", [64, 64], "float32"), ("w1", [64, 64], "int8")]
+    assert specs[1]["low"] == int(w2.min()) and specs[1]["high"] == int(w2.max()) and abs(specs[0]["mean"] - float(w1.mean())) < 1e-6
+    np.testing.assert_allclose(run(lifted, feed, w1, w2), want, rtol=1e-5, atol=1e-5)
