@@ -32,7 +32,7 @@ PP-OCRv4 detector's 24) are padded with zero weights, the extra outputs sliced o
 are plain int8 matmuls without vpdpbusd.
 Tuning (--tune) then emits vpdpbusd; untuned default schedules do not. aarch64 (dotprod): activations are shifted to
 int8 (xq - 128, zx - 128: exact) for sdot, with plain int8 ops; sdot emission there is not verified.
-CUDA (sm_75 and newer): activations are shifted to int8 as on aarch64, and the int8 convs (NHWC) and matmuls run on
+CUDA (sm_72 and newer): activations are shifted to int8 as on aarch64, and the int8 convs (NHWC) and matmuls run on
 the tensor cores' int8 fragments (gpu_schedules.wmma_schedule: wmma 16x16x16, s8 x s8 -> s32), their K split where
 they launch less than a wave of thread blocks (gpu_schedules.split_k). No tuning is needed for that.
 """
@@ -52,12 +52,12 @@ CUDA_INT8 = "int8 tensor cores (wmma s8 x s8 -> s32)"
 # Attention's matmuls of two activations stay float on CUDA: in int8 their zero points need the row sums of A and the
 # column sums of B, 4 reduction kernels more per attention (on the H200, BERT-base int8: see docs/int8.md).
 CUDA_ACTIVATION_MATMULS = False
-CUDA_INT8_MIN_SM = 75  # wmma's 8-bit fragments: sm_72 and newer; Turing (sm_75) is the first GPU family with them in the field
+CUDA_INT8_MIN_SM = 72  # wmma's 8-bit fragments need sm_72 (Jetson Xavier) or newer
 
 
 def int8_dot_product(target) -> str | None:
     """The int8 dot-product instruction a TVM llvm target can use (from its mcpu and mattr), or on a cuda target
-    the int8 tensor cores (sm_75 and newer); None where there is none."""
+    the int8 tensor cores (sm_72 and newer); None where there is none."""
     from tvm.target import codegen
 
     if target.kind.name == "cuda":
@@ -525,7 +525,7 @@ def describe(summary: Int8Summary, dot: tuple[int, int] | None = None) -> str:
     """The report's `int8 kernels` text."""
     floats = "; ".join(f"{k} x{n}" for k, n in sorted(summary.kept_float.items()))
     if summary.instruction is None:
-        return ("no: the target has no int8 dot product (x86 avx512vnni/avxvnni, aarch64 dotprod, CUDA sm_75+), so Conv/MatMul/Gemm "
+        return ("no: the target has no int8 dot product (x86 avx512vnni/avxvnni, aarch64 dotprod, CUDA sm_72+), so Conv/MatMul/Gemm "
                 "stay float32 on the dequantized tensors (QDQ simulated in float)" + (f"; {floats}" if floats else ""))
     both = f", {summary.activation_matmuls} of them of two activations" if summary.activation_matmuls else ""
     activations = "uint8 activations" if summary.instruction.startswith("vpdpbusd") else "int8 activations (uint8 ones shifted by -128)"

@@ -1,4 +1,4 @@
-"""int8 on CUDA targets (sm_75 and newer), checked without a GPU: the rewrite's int8 x int8 -> int32 module (signed
+"""int8 on CUDA targets (sm_72 and newer), checked without a GPU: the rewrite's int8 x int8 -> int32 module (signed
 activations, NHWC convs) against ONNX Runtime's int8 kernels on the CPU, split-K of int8 GEMMs computing exactly
 what the plain ones do, and the CUDA lowering putting every int8 GEMM on the int8 tensor cores (wmma s8 x s8 -> s32).
 The kernels themselves ran on the H200 (docs/int8.md)."""
@@ -61,7 +61,7 @@ def _rewritten(model):
     return rewrite(mod, make_target(resolve_target("nvidia-h100")))
 
 
-@pytest.mark.parametrize("arch, instruction", [("sm_90", CUDA_INT8), ("sm_80", CUDA_INT8), ("sm_75", CUDA_INT8), ("sm_70", None)])
+@pytest.mark.parametrize("arch, instruction", [("sm_90", CUDA_INT8), ("sm_80", CUDA_INT8), ("sm_75", CUDA_INT8), ("sm_72", CUDA_INT8), ("sm_70", None)])
 def test_int8_tensor_cores_from_the_cuda_arch(arch, instruction):
     import tvm
 
