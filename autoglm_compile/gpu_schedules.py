@@ -1,4 +1,5 @@
-"""The default GPU schedules: DLight's rules, with a float16 tensor-core GEMM schedule whose tile is a parameter.
+"""The default GPU schedules: DLight's rules, with a float16 (and int8) tensor-core GEMM schedule whose tile is a
+parameter.
 
 DLight's MatmulTensorization (wmma, float16 x float16 -> float32/float16) has one tile: 128 x 128 per thread block,
 16 warps of 32 x 32. It takes only GEMMs whose I, J and K are all above 64, and at batch 1 it launches few blocks:
@@ -268,8 +269,9 @@ CONV_LAYOUTS = {("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")}  # float16 c
 
 
 def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
-    """Split-K for the float16 GEMMs and convolutions that launch less than a wave of thread blocks (batch 1: BERT-base's
-    128 x 768 outputs are 24 blocks of 64 x 64 on 132 SMs, ResNet-50's last 3x3 convs 8). On the H200, untuned:
+    """Split-K for the float16 GEMMs and convolutions that launch less than a wave of thread blocks (batch 1:
+    BERT-base's 128 x 768 outputs are 24 blocks of 64 x 64 on 132 SMs, ResNet-50's last 3x3 convs 8), and for
+    int8_kernels' int8 ones (int8 operands, int32 partial sums, NHWC convs) alike. On the H200, untuned:
     ResNet-50 fp16 2.29 -> 0.63 ms, BERT-base 3.15 -> 1.16 ms with merge-parallel-matmuls (docs/benchmarks.md).
     A matmul of A[..., M, K] by a 2-D B[K, N] with float32 output
     (ToMixedPrecision's) becomes one GEMM kernel over the S slices of K (`_split_k_gemm`: float32 partial products
