@@ -7,6 +7,7 @@ Commands:
       estimate / measured ratios. Slow: untuned TVM on CPU takes seconds per ResNet-50 run.
 
   gpu-build-int8 MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100] [--no-cuda-graph] [--int8-attention]
+                 [--split-k-min K]
       An int8 build (synthetic calibration, the int8 rewrite) with its constants lifted into parameters, for timing
       on the GPU machine with random weights (gpu_build_int8); the CLI artifact of a smaller model checks accuracy.
 
@@ -170,6 +171,10 @@ def gpu_build_int8(args) -> None:
     from autoglm_compile import int8_kernels
 
     int8_kernels.CUDA_ACTIVATION_MATMULS = args.int8_attention
+    if args.split_k_min is not None:
+        from autoglm_compile import gpu_schedules
+
+        gpu_schedules.SPLIT_K_MIN = args.split_k_min
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -368,6 +373,7 @@ def main() -> None:
     q.add_argument("--variant", help="a label for this build in the benchmark tables")
     q.add_argument("--no-cuda-graph", action="store_true", help="kernels launched one by one (benchmarks/gpu_profile.py times each)")
     q.add_argument("--int8-attention", action="store_true", help="attention's matmuls of two activations in int8 too (int8_kernels.CUDA_ACTIVATION_MATMULS)")
+    q.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")
     q.add_argument("--kernels", help="write the names of the kernels main launches, in order, to this file")
     e = sub.add_parser("estimate")
     e.add_argument("model")
