@@ -149,9 +149,14 @@ def wmma_schedule(func, tile: Tile):
         except Exception:  # the intrinsics' dtypes do not match this GEMM's
             continue
         auto_inline_consumer_chain(attempt, out_shared)
-        _, tx, vec = attempt.split(attempt.fuse(*attempt.get_loops(out_shared)[-2:]), [None, warp, vector])
+        # TVM 0.27's CUDA codegen loads 4 bools (1 byte each) as a ushort4 (8 bytes): misaligned, and the wrong bytes
+        # (BERT's attention mask in the score matmul's epilogue: cudaErrorMisalignedAddress). An epilogue that reads a
+        # bool tensor stores one element per thread.
+        bools = '"bool"' in func.script()
+        _, tx, vec = attempt.split(attempt.fuse(*attempt.get_loops(out_shared)[-2:]), [None, warp, 1 if bools else vector])
         attempt.bind(tx, "threadIdx.x")
-        attempt.vectorize(vec)
+        if not bools:
+            attempt.vectorize(vec)
         return attempt
     return None
 
@@ -262,6 +267,7 @@ def split_k_factor(m: int, n: int, k: int, sms: int, tile=None, channels: tuple[
     return s
 
 
+TRANSPOSE_WEIGHTS = True  # split GEMMs read constant weights as B^T [N, K] (their loads along K are contiguous)
 SPLIT_K_MIN = 128  # the shortest K slice (on the H200, ResNet-50 fp16 untuned: 0.627 ms with 128, 0.700 with 256)
 # (A, B, output) dtypes of the GEMMs split: ToMixedPrecision's float16 ones and int8_kernels' int8 ones
 SPLIT_DTYPES = {("float16", "float16", "float32"), ("int8", "int8", "int32")}
@@ -285,7 +291,9 @@ def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
     import tvm
     from tvm import relax
 
-    matmul, astype, conv2d = (tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "astype", "nn.conv2d"))
+    from tvm.ir.expr import Constant
+
+    matmul, astype, conv2d, permute = (tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "astype", "nn.conv2d", "permute_dims"))
 
     @relax.expr_functor.mutator
     class SplitK(relax.PyExprMutator):
@@ -318,9 +326,25 @@ def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
             if splits is not None:
                 splits.append(("matmul", s))
             a2 = self.builder_.emit(relax.op.reshape(a, [m, k]))
-            parts = self.builder_.emit_te(_split_k_gemm, a2, b, s, primfunc_name_hint="matmul_split_k")
+            bt = self.transposed(b)
+            if bt is not None:  # B[N, K]: the shared-memory loads read each column's K contiguously
+                parts = self.builder_.emit_te(_split_k_gemm, a2, bt, s, True, primfunc_name_hint="matmul_split_k")
+            else:
+                parts = self.builder_.emit_te(_split_k_gemm, a2, b, s, primfunc_name_hint="matmul_split_k")
             total = self.builder_.emit_te(_split_k_sum, parts, primfunc_name_hint="split_k_sum")
             return relax.op.reshape(total, a_shape[:-1] + [n])
+
+        def transposed(self, b):
+            """B^T [N, K] for a weight B [K, N] that is a constant (cast or not: FoldConstant folds the transpose at
+            build time) or a permute_dims of one; None for an activation, which would cost a transpose kernel."""
+            if not TRANSPOSE_WEIGHTS:
+                return None
+            source = self.lookup_binding(b) if isinstance(b, relax.Var) else None
+            if isinstance(source, relax.Call) and source.op == permute and [int(x) for x in source.attrs.axes] == [1, 0]:
+                return source.args[0]
+            if isinstance(b, Constant) or (isinstance(source, relax.Call) and source.op == astype and isinstance(source.args[0], Constant)):
+                return self.builder_.emit(relax.op.permute_dims(b, [1, 0]))
+            return None
 
         def conv(self, call):
             """conv2d NCHW/OIHW (float16 operands, float32 output) or NHWC/OHWI (int8 operands, int32 output), one
@@ -359,20 +383,24 @@ def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
     return mutator.builder_.get()
 
 
-def _split_k_gemm(a, b, s: int):
+def _split_k_gemm(a, b, s: int, transposed: bool = False):
     """parts[s, m, n] = sum over k of A[m, s*K/S + k] * B[s*K/S + k, n], float16 operands and float32 sums (int8 and
     int32): a batched GEMM whose batch is the slice of K (DLight's reindexing makes A[S, M, K/S] of it in the
     shared-memory loads). A float32 A is cast to float16 in a block of the same function, which the schedule inlines
     into its shared-memory load."""
     from tvm import te
 
-    (m, k), n = a.shape, b.shape[1]
+    (m, k), n = a.shape, b.shape[0 if transposed else 1]
     if a.dtype == "float32":
         a = te.compute(a.shape, lambda i, j: a[i, j].astype("float16"), name="cast_a")
     acc = "int32" if b.dtype == "int8" else "float32"
     depth = int(k) // s
     r = te.reduce_axis((0, depth), name="k")
-    return te.compute((s, m, n), lambda p, i, j: te.sum(a[i, p * depth + r].astype(acc) * b[p * depth + r, j].astype(acc), axis=r),
+
+    def weight(kk, j):
+        return b[j, kk] if transposed else b[kk, j]
+
+    return te.compute((s, m, n), lambda p, i, j: te.sum(a[i, p * depth + r].astype(acc) * weight(p * depth + r, j).astype(acc), axis=r),
                       name="matmul_split_k")
 
 

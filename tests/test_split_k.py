@@ -165,3 +165,77 @@ def onnx_wide_conv(path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     onnx.save(model, str(path))
+
+
+def _constant_weight_module(m: int, k: int, n: int, seed: int = 0):
+    """x[1, m, k] @ W[k, n] with W a float32 constant, as the CLI's builds have their weights."""
+    from tvm import relax
+
+    w = (np.random.default_rng(seed).standard_normal((k, n)) * 0.05).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, m, k), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.matmul(x, relax.const(w))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_split_gemm_reads_constant_weights_transposed(monkeypatch):
+    """A constant weight W[K, N] reaches the split GEMM as W^T [N, K] (FoldConstant folds the transpose at build
+    time), so the shared-memory loads read K contiguously: one half4 load instead of four gathered halves. Without
+    TRANSPOSE_WEIGHTS the GEMM gathers. Both compute the same (on the CPU)."""
+    import tvm
+
+    from autoglm_compile.target import resolve_target
+    from autoglm_compile.tvm_build import ScheduleContext, lower, mixed_precision
+
+    m, k, n = 128, 768, 768
+    x = np.random.default_rng(1).standard_normal((1, m, k)).astype(np.float32)
+    outs, sources = {}, {}
+    desc = resolve_target("nvidia-h100")
+    for on in (False, True):
+        monkeypatch.setattr(gs, "TRANSPOSE_WEIGHTS", on)
+        split = gs.split_k(mixed_precision(_constant_weight_module(m, k, n)), sms=132)
+        outs[on] = build_and_run(split, [x])
+        lowered, target = lower(mixed_precision(_constant_weight_module(m, k, n)), desc, "default", ScheduleContext(desc=desc, split_k=True))
+        names = [gv.name_hint for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+        assert not any("transpose" in name or "permute" in name for name in names)  # folded at build time
+        lib = tvm.compile(lowered, target=target, relax_pipeline=None)
+        sources[on] = "\n".join(mod.inspect_source() for mod in _modules(lib.mod) if mod.kind == "cuda")
+    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+    def gathers(src):  # a half4 made of four separate loads from a kernel argument
+        return [line for line in src.splitlines() if "= make_half4(" in line and "_ptr[" in line]
+
+    assert gathers(sources[False]) and not gathers(sources[True])
+
+
+def _modules(mod):
+    yield mod
+    for sub in mod.imports:
+        yield from _modules(sub)
+
+
+def test_gemm_epilogue_reading_bools_is_not_vectorized():
+    """TVM's CUDA codegen loads 4 bools as a ushort4 (8 bytes from 4): BERT's attention mask in the score matmul's
+    epilogue made cudaErrorMisalignedAddress on the H200. Such an epilogue reads one element per thread."""
+    import tvm
+    from tvm import te, tirx
+
+    from autoglm_compile.tune_worker import import_tensor_intrinsics
+
+    import_tensor_intrinsics()  # seconds, instead of TVM's half a minute
+    a = te.placeholder((1, 128, 64), "float16", name="A")
+    b = te.placeholder((64, 128), "float16", name="B")
+    rows, cols = te.placeholder((128,), "bool", name="row_mask"), te.placeholder((128,), "bool", name="mask")
+    r = te.reduce_axis((0, 64), name="k")
+    c = te.compute((1, 128, 128), lambda s, i, j: te.sum(a[s, i, r].astype("float32") * b[r, j].astype("float32"), axis=r), name="C")
+    both = te.compute((128, 128), lambda i, j: tirx.all(rows[i], cols[j]), name="both")  # BERT's logical_and -> where
+    d = te.compute((1, 128, 128), lambda s, i, j: tirx.Select(both[i, j].astype("int32") > 0, c[s, i, j], tirx.const(-1e4, "float32")), name="D")
+    func = te.create_prim_func([a, b, rows, cols, d])
+    sch = gs.wmma_schedule(func, gs.DEFAULT_TILE)
+    assert sch is not None
+    lib = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"}))
+    src = "\n".join(m.inspect_source() for m in _modules(lib.mod) if m.kind == "cuda")
+    assert "wmma::mma_sync" in src and "mask_ptr[" in src
+    assert "ushort4 v" not in src and "*(ushort" not in src
