@@ -97,6 +97,8 @@ def gpu_build(args) -> None:
                 node.input[j] = rename[x]
     for t in model.graph.initializer:
         t.name = rename.get(t.name, t.name)
+    if not args.weights_as_is:
+        transpose_matmul_weights(model)
     skel = skeleton(model, min_elements=args.min_elements, input_shapes=shapes)
     data_inputs = [s.as_dict() for s in specs]
     weights = []
@@ -153,6 +155,34 @@ def gpu_build(args) -> None:
     (out / "meta.json").write_text(json.dumps(meta) + "\n")
     print(f"{args.model}: built for {desc.name} in {build_s:.1f} s, library {(out / 'model.so').stat().st_size / 2**20:.1f} MiB, "
           f"{len(weights)} weights as parameters; estimate {est.total_ms:.3f} ms (H100), {h200.total_ms:.3f} ms (H200 bandwidth)")
+
+
+def transpose_matmul_weights(model: onnx.ModelProto) -> int:
+    """Each 2-D weight W[K, N] that only MatMuls read as their B becomes W^T [N, K] behind a Transpose node. The CLI's
+    builds have constant weights, which gpu_schedules.split_k reads transposed (folded at build time); with the
+    weights as parameters (here) it takes permute_dims(W^T) in the same way, and the library reads W^T. Returns how
+    many weights were transposed."""
+    from onnx import helper
+
+    inits = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for j, x in enumerate(node.input):
+            if x in inits:
+                users.setdefault(x, []).append((node, j))
+    done, nodes = 0, []
+    for name, uses in users.items():
+        if not all(node.op_type == "MatMul" and j == 1 for node, j in uses):
+            continue
+        t = inits[name]
+        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(t).T), name))
+        for node, j in uses:
+            node.input[j] = f"{name}_kn"
+        nodes.append(helper.make_node("Transpose", [name], [f"{name}_kn"], perm=[1, 0], name=f"{name}_transpose"))
+        done += 1
+    for node in reversed(nodes):
+        model.graph.node.insert(0, node)
+    return done
 
 
 def gpu_build_int8(args) -> None:
@@ -299,7 +329,30 @@ def relax_fp16_weights(mod, weights: list[dict]):
         return isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.astype" and str(c.attrs.dtype) == "float16"
 
     relax.analysis.post_order_visit(probe["main"].body, visit)
-    half = [w["name"] for w in weights if w["dtype"] == "float32" and uses.get(w["name"]) and all(map(to_half, uses[w["name"]]))]
+    transposed = {}  # weight -> the variable bound to permute_dims(weight) (transpose_matmul_weights' W^T)
+    for block in probe["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.permute_dims"
+                    and isinstance(value.args[0], relax.Var) and value.args[0].name in names):
+                transposed[value.args[0].name] = binding.var
+    t_uses: dict[str, list] = {}  # weight -> the calls that read its transpose (by variable identity: names repeat)
+
+    def visit_transposed(e):
+        if isinstance(e, relax.Call):
+            for a in e.args:
+                for name, var in transposed.items():
+                    if isinstance(a, relax.Var) and a.same_as(var):
+                        t_uses.setdefault(name, []).append(e)
+
+    relax.analysis.post_order_visit(probe["main"].body, visit_transposed)
+
+    def cast_later(name: str) -> bool:  # every use a cast to float16, or one transpose whose every use is
+        if all(map(to_half, uses[name])):
+            return True
+        return len(uses[name]) == 1 and bool(t_uses.get(name)) and all(map(to_half, t_uses[name]))
+
+    half = [w["name"] for w in weights if w["dtype"] == "float32" and uses.get(w["name"]) and cast_later(w["name"])]
     for w in weights:
         if w["name"] in half:
             w["tvm_dtype"] = "float16"
@@ -363,6 +416,7 @@ def main() -> None:
     g.add_argument("--split-k", type=int, default=None, metavar="SMS",
                    help="split the K of float16 GEMMs that launch fewer thread blocks than SMS (gpu_schedules.split_k); 0: off; default: the descriptor's cuda.sm_count")
     g.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")
+    g.add_argument("--weights-as-is", action="store_true", help="keep MatMul weights [K, N] (default: W^T behind a Transpose, as the CLI's builds read them)")
     g.add_argument("--tile", help="ROWSxCOLS: every float16 tensor-core GEMM untuned gets this tile of gpu_schedules.TILES (default: DEFAULT_TILE)")
     q = sub.add_parser("gpu-build-int8")
     q.add_argument("model")
