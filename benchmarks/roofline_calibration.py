@@ -222,7 +222,7 @@ def gpu_build_int8(args) -> None:
                 break
     finally:
         job.staging.discard()
-    mod, weights = lift_constants(job.relax_mod, args.min_elements)
+    mod, weights = lift_constants(job.relax_mod, args.min_elements, transpose_2d=not args.weights_as_is)
     mod["main"] = mod["main"].with_attr("num_input", len(job.inputs))  # the lifted weights are fixed: CUDA graphs capture their kernels
     sched = ScheduleContext(desc=desc, cuda_graph=not args.no_cuda_graph, split_k=True)
     lowered, target = lower(mod, desc, "default", sched)
@@ -244,9 +244,11 @@ def gpu_build_int8(args) -> None:
           f"{len(weights)} constants lifted; {kernels}")
 
 
-def lift_constants(mod, min_elements: int):
+def lift_constants(mod, min_elements: int, transpose_2d: bool = False):
     """(mod, specs): main's constants of at least min_elements elements as parameters w0, w1, ... after its inputs;
-    specs describe each (shape, dtype; floats mean and std, integers low and high)."""
+    specs describe each (shape, dtype; floats mean and std, integers low and high). transpose_2d: a 2-D int8 constant
+    (int8_kernels' MatMul weights) becomes permute_dims of a W^T parameter (gpu_schedules.split_k then reads W^T, as
+    it does constant weights)."""
     from tvm import relax
 
     specs, lifted, keep = [], {}, []
@@ -261,7 +263,11 @@ def lift_constants(mod, min_elements: int):
             if key not in lifted:
                 keep.append(const)
                 name = f"w{len(specs)}"
-                lifted[key] = relax.Var(name, relax.TensorType(a.shape, str(a.dtype)))
+                if transpose_2d and a.ndim == 2 and a.dtype == np.int8:  # int8 MatMul weights: W^T, as split-K reads constant ones
+                    a = np.ascontiguousarray(a.T)
+                    lifted[key] = relax.op.permute_dims(relax.Var(name, relax.TensorType(a.shape, str(a.dtype))), [1, 0])
+                else:
+                    lifted[key] = relax.Var(name, relax.TensorType(a.shape, str(a.dtype)))
                 spec = {"name": name, "shape": list(a.shape), "dtype": str(a.dtype)}
                 if np.issubdtype(a.dtype, np.floating):
                     spec.update(mean=float(a.mean()), std=float(a.std()))
@@ -272,7 +278,7 @@ def lift_constants(mod, min_elements: int):
 
     main = mod["main"]
     body = Lift().visit_expr(main.body)
-    params = list(main.params) + list(lifted.values())
+    params = list(main.params) + [v.args[0] if isinstance(v, relax.Call) else v for v in lifted.values()]
     mod["main"] = relax.Function(params, body, main.ret_ty, main.is_pure, main.attrs)
     return mod, specs
 
@@ -427,6 +433,7 @@ def main() -> None:
     q.add_argument("--variant", help="a label for this build in the benchmark tables")
     q.add_argument("--no-cuda-graph", action="store_true", help="kernels launched one by one (benchmarks/gpu_profile.py times each)")
     q.add_argument("--int8-attention", action="store_true", help="attention's matmuls of two activations in int8 too (int8_kernels.CUDA_ACTIVATION_MATMULS)")
+    q.add_argument("--weights-as-is", action="store_true", help="keep 2-D weights [K, N] (default: W^T parameters, as split-K reads constant weights)")
     q.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")
     q.add_argument("--kernels", help="write the names of the kernels main launches, in order, to this file")
     e = sub.add_parser("estimate")

@@ -45,3 +45,37 @@ def test_each_large_constant_becomes_its_own_parameter():
     assert [(s["name"], s["shape"], s["dtype"]) for s in specs] == [("w0", [64, 64], "float32"), ("w1", [64, 64], "int8")]
     assert specs[1]["low"] == int(w2.min()) and specs[1]["high"] == int(w2.max()) and abs(specs[0]["mean"] - float(w1.mean())) < 1e-6
     np.testing.assert_allclose(run(lifted, feed, w1, w2), want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_matmul_weights_lift_transposed():
+    """transpose_2d: a 2-D int8 constant becomes permute_dims of a W^T parameter (the layout split-K reads), floats stay
+    as they are; fed W^T, the module computes what it did."""
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(1)
+    w8 = rng.integers(-127, 128, (64, 32)).astype(np.int8)
+    emb = rng.standard_normal((64, 64)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 64), "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.astype(relax.op.matmul(x, relax.const(w8), out_dtype="int32"), "float32"))
+            out = bb.emit_output(bb.emit(relax.op.matmul(relax.op.astype(x, "float32"), relax.const(emb))))
+            out2 = bb.emit_output(y)
+        bb.emit_func_output(relax.Tuple([out, out2]))
+    mod = bb.get()
+    feed = rng.integers(-128, 128, (4, 64)).astype(np.int8)
+
+    def run(m, *args):
+        ex = tvm.compile(m, target="llvm")
+        res = relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args])
+        return [r.numpy() for r in res]
+
+    want = run(mod, feed)
+    lifted, specs = _lift_constants()(mod, 1024, transpose_2d=True)
+    assert [(s["name"], s["shape"], s["dtype"]) for s in specs] == [("w0", [32, 64], "int8"), ("w1", [64, 64], "float32")]
+    assert "R.permute_dims(w0" in lifted["main"].script()
+    got = run(lifted, feed, np.ascontiguousarray(w8.T), emb)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
