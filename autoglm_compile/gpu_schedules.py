@@ -241,10 +241,51 @@ def tensor_core_rule():
 
 
 def default_schedule_pass():
-    """DLight's ApplyDefaultSchedule with TVM's CUDA rules (relax.backend.cuda.pipeline), tensor_core_rule first."""
+    """DLight's ApplyDefaultSchedule with TVM's CUDA rules (relax.backend.cuda.pipeline), tensor_core_rule first, each
+    rule's schedule without vectorized bool loads (scalar_bools)."""
     from tvm.s_tir import dlight as dl
 
-    return dl.ApplyDefaultSchedule(tensor_core_rule(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    rules = (tensor_core_rule(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    return dl.ApplyDefaultSchedule(*(scalar_bools(rule) for rule in rules))
+
+
+def scalar_bools(rule):
+    """The DLight rule, with the vectorized loops of the blocks that read a bool tensor unrolled instead. TVM 0.27's
+    CUDA codegen loads N bools (N bytes) as a ushortN (2N bytes): misaligned, and the wrong bytes. DLight's Matmul
+    did it in the fp32 and int8 BERT builds' attention score matmul (its epilogue reads the attention mask)."""
+    from tvm.s_tir.dlight.base import ScheduleRule
+    from tvm.tirx import ForKind
+
+    class ScalarBools(ScheduleRule):
+        def apply(self, func, target, tunable):
+            sch = rule.apply(func, target, tunable)
+            if sch is None or '"bool"' not in func.script():
+                return sch
+            for one in sch if isinstance(sch, list) else [sch]:
+                for block in _all_blocks(one):
+                    if not any(str(getattr(region.source, "dtype", "")) == "bool" for region in one.get(block).reads):
+                        continue
+                    for loop in one.get_loops(block):
+                        if one.get(loop).kind == ForKind.VECTORIZED:
+                            one.unroll(loop)
+            return sch
+
+        def is_target_available(self, target):
+            return rule.is_target_available(target)
+
+    return ScalarBools()
+
+
+def _all_blocks(sch):
+    """Every block of the schedule's main function, nested ones included."""
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    out, todo = [], [get_root_block(sch)]
+    while todo:
+        children = sch.get_child_blocks(todo.pop())
+        out += children
+        todo += children
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- split-K

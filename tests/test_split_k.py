@@ -239,3 +239,34 @@ def test_gemm_epilogue_reading_bools_is_not_vectorized():
     src = "\n".join(m.inspect_source() for m in _modules(lib.mod) if m.kind == "cuda")
     assert "wmma::mma_sync" in src and "mask_ptr[" in src
     assert "ushort4 v" not in src and "*(ushort" not in src
+
+
+def test_dlight_rules_load_bools_one_at_a_time():
+    """DLight's Matmul vectorizes the epilogue of fp32 BERT's score matmul, which reads the attention mask: TVM's codegen
+    then loads 2 bools as a ushort2. gpu_schedules.scalar_bools unrolls those loops instead."""
+    import tvm
+    from tvm import te, tirx
+    from tvm.s_tir import dlight as dl
+
+    a = te.placeholder((1, 128, 64), "float32", name="A")
+    b = te.placeholder((64, 128), "float32", name="B")
+    rows, cols = te.placeholder((128,), "bool", name="row_mask"), te.placeholder((128,), "bool", name="mask")
+    r = te.reduce_axis((0, 64), name="k")
+    c = te.compute((1, 128, 128), lambda s, i, j: te.sum(a[s, i, r] * b[r, j], axis=r), name="C")
+    both = te.compute((128, 128), lambda i, j: tirx.all(rows[i], cols[j]), name="both")
+    d = te.compute((1, 128, 128), lambda s, i, j: tirx.Select(both[i, j].astype("int32") > 0, c[s, i, j], tirx.const(-1e4, "float32")), name="D")
+    func = te.create_prim_func([a, b, rows, cols, d])
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+
+    def source(rule):
+        with target:
+            sch = rule.apply(func, target, False)
+        lib = tvm.compile(sch.mod, target=target)
+        return "\n".join(m.inspect_source() for m in _modules(lib.mod) if m.kind == "cuda")
+
+    def bool_vectors(src):
+        return [line for line in src.splitlines() if "ushort" in line and "mask_ptr" in line]
+
+    assert bool_vectors(source(dl.gpu.Matmul()))  # TVM's codegen as it is
+    fixed = source(gs.scalar_bools(dl.gpu.Matmul()))
+    assert not bool_vectors(fixed) and "mask_ptr[" in fixed
