@@ -241,12 +241,12 @@ def tensor_core_rule():
 
 
 def default_schedule_pass():
-    """DLight's ApplyDefaultSchedule with TVM's CUDA rules (relax.backend.cuda.pipeline), tensor_core_rule first, each
-    rule's schedule without vectorized bool loads (scalar_bools)."""
+    """DLight's ApplyDefaultSchedule with TVM's CUDA rules (relax.backend.cuda.pipeline), tensor_core_rule first (it
+    keeps bool loads scalar itself), DLight's rules without vectorized bool loads (scalar_bools)."""
     from tvm.s_tir import dlight as dl
 
-    rules = (tensor_core_rule(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-    return dl.ApplyDefaultSchedule(*(scalar_bools(rule) for rule in rules))
+    rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    return dl.ApplyDefaultSchedule(tensor_core_rule(), *(scalar_bools(rule) for rule in rules))
 
 
 def scalar_bools(rule):
