@@ -1,7 +1,8 @@
 """Model inputs: parsing --input-shape, resolving every input to a static shape and dtype, and seeded inputs.
 
 Rule for seeded random inputs (stated in the report):
-  floats: standard normal; an input named like a mask: all ones; booleans: all true;
+  floats: standard normal; an input named like a mask: ones, with the last quarter of its last axis zero (padding,
+  when that axis has at least 4 elements: an all-ones mask leaves masking untested); booleans: all true;
   integers: uniform in [0, N) where N is the smallest table the input indexes through Gather, else [0, 100).
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from onnx import helper
 from .errors import InputError
 
 RANDOM_INPUT_RULE = (
-    "seeded: floats ~ N(0,1); names containing 'mask' = 1; bool = true; integers uniform in [0, N) with N the "
+    "seeded: floats ~ N(0,1); names containing 'mask' = 1 with the last quarter of the last axis 0 (padding); bool = true; "
+    "integers uniform in [0, N) with N the "
     "smallest Gather table they index, else [0, 100)"
 )
 _DTYPES = {"float32", "float16", "float64", "bfloat16", "int8", "uint8", "int16", "int32", "int64", "bool"}
@@ -144,7 +146,10 @@ def random_inputs(specs: list[InputSpec], seed: int = 0, ranges: dict[str, int] 
     for s in specs:
         dt = np.dtype(s.dtype) if s.dtype != "bfloat16" else np.dtype("float32")
         if "mask" in s.name.lower():
-            out[s.name] = np.ones(s.shape, dtype=dt)
+            mask = np.ones(s.shape, dtype=dt)
+            if len(s.shape) and s.shape[-1] >= 4:
+                mask[..., s.shape[-1] - s.shape[-1] // 4:] = 0  # padding: masking is exercised too
+            out[s.name] = mask
         elif dt.kind == "f":
             out[s.name] = rng.standard_normal(s.shape).astype(dt)
         elif dt.kind == "b":

@@ -68,7 +68,8 @@ def test_random_integer_inputs_stay_inside_the_table():
     assert index_ranges(model) == {"ids": 30}
     feeds = random_inputs(resolve_inputs(model), seed=0, ranges=index_ranges(model))
     assert feeds["ids"].max() < 30 and feeds["ids"].min() >= 0 and len(np.unique(feeds["ids"])) > 5
-    assert (feeds["attention_mask"] == 1).all()
+    # ones, then padding: the last quarter of the sequence masked out, so that masking is verified too
+    assert (feeds["attention_mask"][:, :48] == 1).all() and (feeds["attention_mask"][:, 48:] == 0).all()
 
 
 def test_random_inputs_are_seeded():
