@@ -149,15 +149,10 @@ def wmma_schedule(func, tile: Tile):
         except Exception:  # the intrinsics' dtypes do not match this GEMM's
             continue
         auto_inline_consumer_chain(attempt, out_shared)
-        # TVM 0.27's CUDA codegen loads 4 bools (1 byte each) as a ushort4 (8 bytes): misaligned, and the wrong bytes
-        # (BERT's attention mask in the score matmul's epilogue: cudaErrorMisalignedAddress). An epilogue that reads a
-        # bool tensor stores one element per thread.
-        bools = '"bool"' in func.script()
-        _, tx, vec = attempt.split(attempt.fuse(*attempt.get_loops(out_shared)[-2:]), [None, warp, 1 if bools else vector])
+        _, tx, vec = attempt.split(attempt.fuse(*attempt.get_loops(out_shared)[-2:]), [None, warp, vector])
         attempt.bind(tx, "threadIdx.x")
-        if not bools:
-            attempt.vectorize(vec)
-        return attempt
+        attempt.vectorize(vec)
+        return scalar_bool_loads(attempt)  # here, not only in the rule: the GPU tile sweep schedules with this too
     return None
 
 
@@ -241,8 +236,8 @@ def tensor_core_rule():
 
 
 def default_schedule_pass():
-    """DLight's ApplyDefaultSchedule with TVM's CUDA rules (relax.backend.cuda.pipeline), tensor_core_rule first (it
-    keeps bool loads scalar itself), DLight's rules without vectorized bool loads (scalar_bools)."""
+    """DLight's ApplyDefaultSchedule with TVM's CUDA rules (relax.backend.cuda.pipeline), tensor_core_rule first, no
+    rule with vectorized bool loads (scalar_bool_loads: wmma_schedule calls it, DLight's rules get scalar_bools)."""
     from tvm.s_tir import dlight as dl
 
     rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
@@ -250,30 +245,38 @@ def default_schedule_pass():
 
 
 def scalar_bools(rule):
-    """The DLight rule, with the vectorized loops of the blocks that read a bool tensor unrolled instead. TVM 0.27's
-    CUDA codegen loads N bools (N bytes) as a ushortN (2N bytes): misaligned, and the wrong bytes. DLight's Matmul
-    did it in the fp32 and int8 BERT builds' attention score matmul (its epilogue reads the attention mask)."""
+    """The DLight rule, its schedules passed through scalar_bool_loads."""
     from tvm.s_tir.dlight.base import ScheduleRule
-    from tvm.tirx import ForKind
 
     class ScalarBools(ScheduleRule):
         def apply(self, func, target, tunable):
             sch = rule.apply(func, target, tunable)
-            if sch is None or '"bool"' not in func.script():
-                return sch
-            for one in sch if isinstance(sch, list) else [sch]:
-                for block in _all_blocks(one):
-                    if not any(str(getattr(region.source, "dtype", "")) == "bool" for region in one.get(block).reads):
-                        continue
-                    for loop in one.get_loops(block):
-                        if one.get(loop).kind == ForKind.VECTORIZED:
-                            one.unroll(loop)
+            for one in sch if isinstance(sch, list) else [sch] if sch is not None else []:
+                scalar_bool_loads(one)
             return sch
 
         def is_target_available(self, target):
             return rule.is_target_available(target)
 
     return ScalarBools()
+
+
+def scalar_bool_loads(sch):
+    """sch with the vectorized loops of the blocks that read a bool tensor unrolled instead. TVM 0.27's CUDA codegen
+    loads N bools (N bytes) as a ushortN (2N bytes): misaligned, and the wrong bytes. BERT's score matmul reads the
+    attention mask in its epilogue: cudaErrorMisalignedAddress on the H200 with the tensor-core schedule, and the
+    wrong mask bytes with DLight's Matmul (fp32 and int8 builds). Staging loops (which read no bool) stay as they are:
+    unrolling them breaks ManifestSharedMemoryLocalStage."""
+    from tvm.tirx import ForKind
+
+    if '"bool"' not in sch.mod["main"].script():
+        return sch
+    for block in _all_blocks(sch):
+        if any(str(getattr(region.source, "dtype", "")) == "bool" for region in sch.get(block).reads):
+            for loop in sch.get_loops(block):
+                if sch.get(loop).kind == ForKind.VECTORIZED:
+                    sch.unroll(loop)
+    return sch
 
 
 def _all_blocks(sch):

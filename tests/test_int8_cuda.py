@@ -23,7 +23,7 @@ def qdq_convs(tmp_path) -> onnx.ModelProto:
     """Conv(32->64, 3x3, pad 1) -> Relu -> Conv(64->64, 3x3, pad 1) -> Flatten -> MatMul(->32), quantized by ONNX
     Runtime (QDQ, uint8 activations with non-zero zero points, int8 per-channel weights). The convs are big enough for
     the tensor cores (256 x 64 outputs, K 288 and 576) and launch too few blocks on 132 SMs: both are split."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from test_int8_kernels import _quantized
 
     rng = np.random.default_rng(0)
     w1, b1 = rng.standard_normal((64, 32, 3, 3)).astype(np.float32) * 0.1, rng.standard_normal(64).astype(np.float32)
@@ -37,18 +37,8 @@ def qdq_convs(tmp_path) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])
     inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (fc, "fc"))]
-    onnx.save(make_model(nodes, [x], [y], inits, opset=13), str(tmp_path / "f.onnx"))
-
-    class Data(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"x": rng.standard_normal(SHAPE).astype(np.float32) + 0.7} for _ in range(8)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Data(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-    return onnx.load(str(tmp_path / "q.onnx"))
+    feeds = [{"x": rng.standard_normal(SHAPE).astype(np.float32) + 0.7} for _ in range(8)]
+    return _quantized(tmp_path, make_model(nodes, [x], [y], inits, opset=13), feeds)  # writes f.onnx, the float model
 
 
 def _rewritten(model):
