@@ -445,7 +445,9 @@ def _phases(target, weight_prepack: bool = False):
         from tvm import relax
         from tvm.relax.backend.cpu_generic import pipeline as p
 
-        before = p.library_dispatch_passes(target) + p.legalize_passes(target)
+        from .cpu_kernels import schedule_pass
+
+        before = p.library_dispatch_passes(target) + p.legalize_passes(target) + [schedule_pass(target)]  # hand-scheduled kernels: not tasks
         after = p.dataflow_lower_passes(target) + p.finalize_passes(target)
         if weight_prepack:
             before += [relax.transform.AttachAttrLayoutFreeBuffers(),
@@ -530,6 +532,11 @@ def merge_export(folder: Path, target, database: Path | None = None) -> tuple[Pa
     return db.path, {name: _mean(rec.run_secs) * 1e6 for name, rec in committed.items()}, {n: us for n, us in defaults.items() if n not in committed}
 
 
+def _scheduled(task) -> bool:
+    """A task whose kernel has its schedule already (cpu_kernels.py): nothing to tune."""
+    return any(bool(f.attrs.get("tirx.is_scheduled", False)) for f in task.dispatched[0].functions.values() if f.attrs is not None)
+
+
 def tune_and_lower(mod, target, ctx):
     """Lower `mod` for an llvm target with MetaSchedule schedules from the tuning cache, tuning what it lacks."""
     import tvm
@@ -548,7 +555,7 @@ def tune_and_lower(mod, target, ctx):
     before, after = _phases(target, tune.weight_prepack or ctx.prepack_weights)
     with target:
         mod = tvm.transform.Sequential(before)(mod)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not _scheduled(t)]
     db = TuningDatabase(Path(tune.database) if tune.database else default_database_root(), target)
     cache = db.load()
     cached = {t.task_name: _valid_record(cache, t.mod, target, t.task_name) for t in tasks}

@@ -70,6 +70,7 @@ class ScheduleContext:
     fp16: bool = False  # ToMixedPrecision before scheduling (mixed_precision below)
     cuda_graph: bool = False  # CUDA targets: Relax's RewriteCUDAGraph captures the static kernel sequences
     split_k: bool = False  # CUDA targets, with fp16: gpu_schedules.split_k over the descriptor's cuda.sm_count
+    cpu_kernels: bool = False  # llvm targets: hand-scheduled float32 conv/matmul kernels (cpu_kernels.py)
     notes: list[str] = field(default_factory=list)  # what the schedule stage did beyond the strategy, for the report
 
 
@@ -95,6 +96,13 @@ def _default_strategy(mod, target):
     from tvm import relax
 
     with target:
+        if target.kind.name == "llvm":
+            from tvm.relax.backend.cpu_generic import pipeline as p
+
+            from .cpu_kernels import schedule_passes
+
+            passes = p.library_dispatch_passes(target) + p.legalize_passes(target) + schedule_passes(target) + p.dataflow_lower_passes(target) + p.finalize_passes(target)
+            return tvm.transform.Sequential(passes)(mod)
         if target.kind.name != "cuda":
             return relax.get_default_pipeline(target)(mod)
         from tvm.relax.backend.cuda import pipeline as p
@@ -162,6 +170,17 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
     target = make_target(desc)
     if context.fp16:
         mod = mixed_precision(mod)
+    if context.cpu_kernels and target.kind.name == "llvm":
+        from .cpu_kernels import rewrite
+
+        mod, kernels = rewrite(mod, target)
+        if kernels.convs or kernels.matmuls:
+            context.notes.append(kernels.describe())
+            # erf, exp and tanh as topi's vectorizable approximations: LLVM calls libm per element (a GELU's erf took
+            # a third of BERT's FFN-up kernel); ONNX Runtime's MLAS approximates them too
+            from tvm import relax
+
+            mod = relax.transform.FastMathTransform()(mod)
     if context.split_k and target.kind.name == "cuda" and desc.cuda is not None and desc.cuda.sm_count:
         from .gpu_schedules import split_k
 

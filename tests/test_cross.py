@@ -55,10 +55,15 @@ def requirements(name: str) -> list:
 
 
 def build(tmp_path: Path, target: str):
+    """The conv net built for `target`, without the hand-scheduled CPU kernels: which ops get them depends on the
+    target's vector width (8 channels: NEON's 4 lanes, not AVX-512's 16), and so would the entry points compared
+    below. test_cpu_kernels.py cross-builds them."""
     model = tmp_path / "conv.onnx"
     onnx.save(conv_net(batch=1), str(model))
+    config = tmp_path / "no-cpu-kernels.yaml"
+    config.write_text("extends: O2\nschedule:\n  cpu_kernels: false\n")
     out = tmp_path / target
-    report = compile_model(CompileOptions(source=str(model), target=target, output=out, runs=3))
+    report = compile_model(CompileOptions(source=str(model), target=target, output=out, runs=3, config_path=config))
     return out, report
 
 

@@ -1,0 +1,351 @@
+"""Hand-scheduled float32 kernels for CPU (llvm) targets: convolutions and matmuls with constant weights.
+
+Without tuning, TVM's CPU pipeline gives every kernel its naive loop nest; with it, MetaSchedule needs thousands of
+trials and still ran BERT-base's dense layers at 47-117 GFLOP/s on this project's 2-core AVX-512 host (ONNX
+Runtime's MLAS: about 175). These kernels are the register-blocked micro-kernel that BLAS libraries use, written as
+a TVM schedule:
+
+- the weight is packed once, at build time, into blocks of LANES output channels (`[N/L, K, L]` for a matmul,
+  `[O/L, KH, KW, I, L]` for an NHWC convolution), so the inner loop reads it as contiguous vectors;
+- each thread keeps a tile of ROWS x (BLOCKS * LANES) outputs in vector registers (8 x 32 with AVX-512: 16 of its
+  32 registers) and, for each k, broadcasts one input value per row and issues BLOCKS fused multiply-adds per row;
+- the tiles are spread over the cores, weight block by weight block, so that a block stays in the L2 cache while
+  every row tile uses it;
+- the elementwise ops that TVM fuses after the kernel (bias, residual add, ReLU, GELU...) run on the tile as it
+  leaves the registers.
+
+`rewrite` puts the convolutions into NHWC (with `int8_kernels.sink_transposes`, so that a chain of convs stays NHWC)
+and replaces the ops with these kernels; `schedule_pass` schedules them after fusion and marks them scheduled, so
+that tuning leaves them alone. Measured in docs/benchmarks.md ("Host: hand-scheduled fp32 kernels")."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .int8_kernels import _const, bound_value, sink_transposes
+
+DENSE, CONV = "dense_f32_packed", "conv2d_nhwc_f32_packed"  # the kernels' main blocks (and PrimFunc name hints)
+# float32 lanes of the widest vector unit an llvm target has, by LLVM feature; (rows, blocks) of the register tile
+VECTOR_UNITS = [("avx512f", 16, (8, 2)), ("avx2", 8, (6, 2)), ("neon", 4, (8, 2))]
+K_UNROLL = 4
+
+
+@dataclass
+class KernelSummary:
+    """What `rewrite` did: the ops given hand-scheduled kernels, and those left to the default path, with why."""
+
+    lanes: int | None
+    convs: int = 0
+    matmuls: int = 0
+    kept: dict[str, int] = field(default_factory=dict)
+
+    def keep(self, op: str, reason: str) -> None:
+        key = f"{op}: {reason}"
+        self.kept[key] = self.kept.get(key, 0) + 1
+
+    def describe(self) -> str:
+        if self.lanes is None:
+            return "no hand-scheduled fp32 kernels: the target has no vector unit they are written for (AVX-512, AVX2, NEON)"
+        text = f"{self.convs} Conv and {self.matmuls} MatMul/Gemm with hand-scheduled fp32 kernels ({self.lanes}-lane vectors, weights packed at build time)"
+        if self.kept:
+            text += "; default path: " + ", ".join(f"{k} x{n}" for k, n in sorted(self.kept.items()))
+        return text
+
+
+def vector_unit(target) -> tuple[int, tuple[int, int]] | None:
+    """(float32 lanes, (rows, blocks) of the register tile) for an llvm target, or None."""
+    from tvm.target import codegen
+
+    if target.kind.name != "llvm":
+        return None
+    features = set(codegen.llvm_get_cpu_features(target))
+    triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
+    if triple.startswith("aarch64"):
+        features.add("neon")
+    return next(((lanes, tile) for feat, lanes, tile in VECTOR_UNITS if feat in features), None)
+
+
+def _dense(a, wp):
+    """float32 [..., M, N] = a [..., M, K] x the packed weight [*batch, N/L, K, L]; the weight's batch dims (a
+    matmul of two activations, packed at run time) are a's dims before M."""
+    from tvm import te
+
+    lanes, nb = int(wp.shape[-1]), len(wp.shape) - 3
+    k = te.reduce_axis((0, a.shape[-1]), "k")
+    return te.compute((*a.shape[:-1], wp.shape[-3] * lanes), lambda *i: te.sum(
+        a[(*i[:-1], k)] * wp[(*i[len(i) - 2 - nb:len(i) - 2], i[-1] // lanes, k, i[-1] % lanes)], axis=k), name=DENSE)
+
+
+def _conv2d(x, wp, strides, dilation):
+    """float32 NHWC = conv2d of x (NHWC, padded already) with the packed weight [O/L, KH, KW, I, L]."""
+    from tvm import te
+
+    n, h, w, _ = x.shape
+    o_blocks, kh, kw, ci, lanes = (int(d) for d in wp.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    oh, ow = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
+    rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, ci), "rc")
+    return te.compute((n, oh, ow, o_blocks * lanes), lambda b, y, z, c: te.sum(
+        x[b, y * sh + rh * dh, z * sw + rw * dw, rc] * wp[c // lanes, rh, rw, rc, c % lanes], axis=[rh, rw, rc]), name=CONV)
+
+
+def rewrite(mod, target):
+    """(mod with float32 Conv2d (NCHW, groups 1) and MatMul/Gemm on constant weights as hand-scheduled kernels,
+    KernelSummary). Targets without a vector unit in VECTOR_UNITS get the module back as it is."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    unit = vector_unit(target)
+    summary = KernelSummary(unit[0] if unit else None)
+    if unit is None:
+        return mod, summary
+    lanes = unit[0]
+    op = tvm.ir.Op.get
+    CONV2D, MATMUL, PERMUTE = op("relax.nn.conv2d"), op("relax.matmul"), op("relax.permute_dims")
+
+    def constant_weight(mutator_, expr):
+        call = bound_value(mutator_, expr)
+        axes = "none"
+        if isinstance(call, relax.Call) and call.op.same_as(PERMUTE):
+            axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+            call = bound_value(mutator_, call.args[0])
+        w = _const(call)
+        if w is None or w.dtype != np.float32:
+            return None
+        return w if axes == "none" else np.transpose(w, axes)
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def visit_call_(self, call):
+            call = self.builder_.normalize(super().visit_call_(call))
+            if call.op.same_as(CONV2D):
+                return self._conv(call)
+            if call.op.same_as(MATMUL):
+                return self._matmul(call)
+            return call
+
+        def _conv(self, call):
+            a = call.attrs
+            if str(call.ty.dtype) != "float32" or str(call.args[0].ty.dtype) != "float32":
+                return call
+            if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or str(a.out_layout) != "NCHW":
+                summary.keep("Conv", f"layout {a.data_layout}/{a.kernel_layout}")
+                return call
+            if int(a.groups) != 1:
+                summary.keep("Conv", "grouped or depthwise")
+                return call
+            w = constant_weight(self, call.args[1])
+            if w is None:
+                summary.keep("Conv", "its weight is not a constant")
+                return call
+            if any(not isinstance(d, tvm.tirx.IntImm) for d in call.args[0].ty.shape):
+                summary.keep("Conv", "dynamic shape")
+                return call
+            if w.shape[0] % lanes:
+                summary.keep("Conv", f"{w.shape[0]} output channels, not a multiple of {lanes}")
+                return call
+            top, left, bottom, right = (int(p) for p in a.padding)
+            x = relax.op.permute_dims(call.args[0], [0, 2, 3, 1])
+            if top or left or bottom or right:
+                x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0], "constant", 0.0)
+            o, i, kh, kw = w.shape
+            wp = w.reshape(o // lanes, lanes, i, kh, kw).transpose(0, 3, 4, 2, 1)
+            out = self.builder_.call_te(_conv2d, self.builder_.emit(x), relax.const(np.ascontiguousarray(wp)), [int(v) for v in a.strides],
+                                        [int(v) for v in a.dilation], primfunc_name_hint=CONV)
+            summary.convs += 1
+            return relax.op.permute_dims(out, [0, 3, 1, 2])
+
+        def _matmul(self, call):
+            if str(call.ty.dtype) != "float32" or str(call.args[0].ty.dtype) != "float32":
+                return call
+            w = constant_weight(self, call.args[1])
+            if w is None:
+                return self._activations(call)
+            if w.ndim != 2:
+                summary.keep("MatMul", f"its weight has {w.ndim} dims")
+                return call
+            k, n = w.shape
+            if n % lanes:
+                summary.keep("MatMul", f"{n} output columns, not a multiple of {lanes}")
+                return call
+            if call.args[0].ty.ndim < 1 or any(not isinstance(d, tvm.tirx.IntImm) for d in call.args[0].ty.shape):
+                summary.keep("MatMul", "dynamic shape")
+                return call
+            wp = np.ascontiguousarray(w.reshape(k, n // lanes, lanes).transpose(1, 0, 2))
+            summary.matmuls += 1
+            return self.builder_.call_te(_dense, call.args[0], relax.const(wp), primfunc_name_hint=DENSE)
+
+        def _activations(self, call):
+            """A matmul of two activations (attention), B packed at run time: [..., K, N] -> [..., N/L, K, L]."""
+            a, b = call.args
+            shapes = [t.ty.shape for t in (a, b)]
+            if any(d is None or not isinstance(d, tvm.tirx.IntImm) for s_ in shapes for d in s_):
+                summary.keep("MatMul", "two activations, dynamic shape")
+                return call
+            (*batch, _m, k), (*batch_b, k_b, n) = ([int(d) for d in s_] for s_ in shapes)
+            if batch != batch_b or k != k_b or not batch:
+                summary.keep("MatMul", "two activations with unlike or broadcast batch dims")
+                return call
+            if n % lanes:
+                summary.keep("MatMul", f"two activations, {n} output columns, not a multiple of {lanes}")
+                return call
+            nb = len(batch)
+            bp = relax.op.permute_dims(relax.op.reshape(b, [*batch, k, n // lanes, lanes]), [*range(nb), nb + 1, nb, nb + 2])
+            summary.matmuls += 1
+            return self.builder_.call_te(_dense, a, self.builder_.emit(bp), primfunc_name_hint=DENSE)
+
+    rewriter = Rewriter(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    if not (summary.convs or summary.matmuls):
+        return mod, summary
+    return sink_transposes(relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewriter.builder_.get()))), summary
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return next(d for d in range(min(at_most, n), 0, -1) if n % d == 0)
+
+
+def schedule_func(func, lanes: int, tile: tuple[int, int]):
+    """The PrimFunc with its DENSE or CONV block register-blocked (see the module's docstring) and the blocks fused
+    after it computed on each tile; None if it has neither block."""
+    import tvm
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(func)
+    names = _block_names(func)
+    name = DENSE if DENSE in names else CONV if CONV in names else None
+    if name is None:
+        return None
+    main = sch.get_sblock(name)
+    rows, blocks = tile
+    out = sch.cache_write(main, 0, "local")  # the write-back of the register tile
+    # The elementwise ops fused after the kernel: first inlined into one another (a GELU's five ops become one; a
+    # mask's logical_and and where into the add that reads them), then into the write-back, one after another.
+    # Producers of the kernel's own inputs (a pad) stay as they are: inlined, they would put a branch in its inner loop.
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint in (name, sch.get(out).name_hint) or any(sch.get(c).name_hint == name for c in sch.get_consumers(block)):
+            continue
+        try:
+            sch.compute_inline(block)
+        except tvm.s_tir.ScheduleError:
+            pass
+    shape = [int(d) for d in sch.get(out).writes[0].source.shape]
+    # (only a consumer that writes a tensor of the tile's shape: TVM inlines a slice too, and writes out of bounds)
+    while len(consumers := sch.get_consumers(out)) == 1 and [int(d) for d in sch.get(consumers[0]).writes[0].source.shape] == shape:
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except tvm.s_tir.ScheduleError:
+            break
+    loops = sch.get_loops(main)
+    if name == DENSE:
+        *outer, i, j, k = loops
+        reduce = [k]
+        extent = int(sch.get(i).extent)
+    else:
+        n, y, x, j, rh, rw, rc = loops
+        outer, i, reduce = [n, y], x, [rh, rw, rc]
+        extent = int(sch.get(x).extent)
+    n_out = int(sch.get(j).extent)
+    blocks = _largest_divisor(n_out // lanes, blocks)
+    io, ii = sch.split(i, [None, _largest_divisor(extent, rows)])
+    jo, jb, jl = sch.split(j, [None, blocks, lanes])
+    ko, ki = sch.split(reduce[-1], [None, _largest_divisor(int(sch.get(reduce[-1]).extent), K_UNROLL)])
+    reduce = [*reduce[:-1], ko, ki]
+    sch.reorder(jo, *outer, io, *reduce, ii, jb, jl)
+    sch.reverse_compute_at(out, io)
+    # what is left after it (an op that reads the tile twice) also on each tile, while it reads only the tile's
+    # buffers and the function's inputs; the rest stays after the kernel's loop nest, in order
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    produced = {w.source.name for blk in blocks for w in sch.get(blk).writes}
+    on_tile, tile_buffers = [out], {w.source.name for w in sch.get(out).writes}
+    for block in blocks[[sch.get(blk).name_hint for blk in blocks].index(sch.get(out).name_hint) + 1:]:
+        if any(r.source.name in produced and r.source.name not in tile_buffers for r in sch.get(block).reads) \
+                or [int(d) for d in sch.get(block).writes[0].source.shape] != shape:
+            break
+        try:
+            sch.reverse_compute_at(block, io)
+        except tvm.s_tir.ScheduleError:
+            break
+        on_tile.append(block)
+        tile_buffers |= {w.source.name for w in sch.get(block).writes}
+    tile_loop = sch.fuse(jo, *outer, io)
+    sch.parallel(tile_loop)
+    sch.vectorize(jl)
+    sch.unroll(ii)
+    sch.unroll(jb)
+    sch.unroll(reduce[-1])
+    init = sch.decompose_reduction(main, reduce[0])
+    sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, lanes])[-1])
+    for block in on_tile:
+        last = sch.get_loops(block)[-1]
+        if int(sch.get(last).extent) % lanes == 0:
+            sch.vectorize(sch.split(last, [None, lanes])[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _block_names(func) -> set[str]:
+    from tvm.s_tir.stmt import SBlock
+
+    from .memory_fit import walk_stmts
+
+    names: set[str] = set()
+    walk_stmts(func.body, lambda s: names.add(s.name_hint) if isinstance(s, SBlock) else None)
+    return names
+
+
+def schedule_pass(target):
+    """A module pass that schedules the PrimFuncs holding a DENSE or CONV block (after FuseOps/FuseTIR)."""
+    import tvm
+
+    unit = vector_unit(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="HandScheduledCPUKernels")
+    def _pass(mod, _ctx):
+        if unit is None:
+            return mod
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, tvm.tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False):
+                scheduled = schedule_func(func.with_attr("global_symbol", "main"), *unit)
+                if scheduled is not None:
+                    attrs = {k: v for k, v in func.attrs.items()} if func.attrs else {}
+                    mod[gvar] = scheduled.with_attr("global_symbol", attrs.get("global_symbol", gvar.name_hint))
+        return mod
+
+    return _pass
+
+
+def _row_reductions_only(func) -> bool:
+    """Whether every reduction in func reduces one tensor (softmax, layer norm, a pooling), not two (a conv or matmul
+    left on the default path, whose loop nest DLight's CPU rule would not make faster)."""
+    from tvm.s_tir.stmt import SBlock
+
+    from .memory_fit import walk_stmts
+
+    ok = [True]
+
+    def visit(stmt):
+        if isinstance(stmt, SBlock) and any(int(v.iter_type) == 2 for v in stmt.iter_vars):  # 2: IterVar.CommReduce
+            written = {w.source.name for w in stmt.writes}
+            if len({r.source.name for r in stmt.reads} - written) > 1:
+                ok[0] = False
+
+    walk_stmts(func.body, visit)
+    return ok[0]
+
+
+def schedule_passes(target) -> list:
+    """The schedules of an untuned llvm build: the hand-scheduled kernels, then DLight's CPU rule for the kernels
+    that reduce rows of one tensor (softmax, layer norm: parallel rows, vectorized); the rest keeps TVM's default
+    loop nests."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    class RowReductions(dl.cpu.Reduction):
+        def apply(self, func, target, tunable):
+            return super().apply(func, target, tunable) if _row_reductions_only(func) else None
+
+    return [schedule_pass(target), dl.ApplyDefaultSchedule(RowReductions())]

@@ -1,0 +1,222 @@
+"""The hand-scheduled float32 CPU kernels (autoglm_compile/cpu_kernels.py): which ops get them, that their schedules
+compute what the unscheduled loop nests compute, with the ops fused after them, and that builds with them match
+ONNX Runtime on inputs other than the build's own."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from autoglm_compile import cpu_kernels
+from autoglm_compile.pipeline import CompileOptions, compile_model
+from autoglm_compile.target import resolve_target
+from autoglm_compile.tvm_build import make_target
+from conftest import make_model
+
+tvm = pytest.importorskip("tvm")
+ort = pytest.importorskip("onnxruntime")
+
+
+def host_target():
+    return make_target(resolve_target("host"))
+
+
+def lanes() -> int:
+    unit = cpu_kernels.vector_unit(host_target())
+    if unit is None:
+        pytest.skip("this CPU has none of AVX-512, AVX2 or NEON")
+    return unit[0]
+
+
+def const(rng, name, *shape, scale=0.2):
+    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def resnet_block(c: int = 32) -> onnx.ModelProto:
+    """A strided 3x3 conv with padding, a 1x1 conv, a residual add and ReLUs, then a Gemm head (transB)."""
+    rng = np.random.default_rng(1)
+    inits = [const(rng, "w1", c, 16, 3, 3), const(rng, "b1", c), const(rng, "w2", c, c, 1, 1), const(rng, "b2", c),
+             const(rng, "ws", c, 16, 1, 1), const(rng, "fc", 16, c)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"]),
+        helper.make_node("Conv", ["x", "ws"], ["s"], strides=[2, 2]),
+        helper.make_node("Add", ["c2", "s"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 14, 14])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], inits)
+
+
+def attention_block(seq: int = 32, hidden: int = 64, heads: int = 2) -> onnx.ModelProto:
+    """A projection with bias and an erf GELU, then one attention: scores with a padding mask, softmax, context."""
+    rng = np.random.default_rng(2)
+    d = hidden // heads
+    inits = [const(rng, "wp", hidden, hidden), const(rng, "bp", hidden), const(rng, "wq", hidden, hidden), const(rng, "wk", hidden, hidden),
+             const(rng, "wv", hidden, hidden),
+             numpy_helper.from_array(np.array([1, seq, heads, d], np.int64), "split"),
+             numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), "rsqrt2"),
+             numpy_helper.from_array(np.array(1, np.float32), "one"), numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+             numpy_helper.from_array(np.array(-1e4, np.float32), "neg"), numpy_helper.from_array(np.array(1 / np.sqrt(d), np.float32), "scale")]
+    heads_of = lambda t: [helper.make_node("Reshape", [t, "split"], [t + "4"]), helper.make_node("Transpose", [t + "4"], [t + "h"], perm=[0, 2, 1, 3])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wp"], ["xp"]), helper.make_node("Add", ["xp", "bp"], ["h"]),
+        helper.make_node("Mul", ["h", "rsqrt2"], ["hs"]), helper.make_node("Erf", ["hs"], ["e"]), helper.make_node("Add", ["e", "one"], ["e1"]),
+        helper.make_node("Mul", ["h", "e1"], ["g0"]), helper.make_node("Mul", ["g0", "half"], ["g"]),
+        helper.make_node("MatMul", ["g", "wq"], ["q"]), helper.make_node("MatMul", ["g", "wk"], ["k"]), helper.make_node("MatMul", ["g", "wv"], ["v"]),
+        *heads_of("q"), *heads_of("k"), *heads_of("v"),
+        helper.make_node("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["qh", "kt"], ["s0"]), helper.make_node("Mul", ["s0", "scale"], ["s1"]),
+        helper.make_node("Sub", ["one", "mask"], ["m0"]), helper.make_node("Mul", ["m0", "neg"], ["m1"]),
+        helper.make_node("Add", ["s1", "m1"], ["s2"]), helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "vh"], ["y"]),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden]),
+                              helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 1, seq])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, heads, seq, d])], inits)
+
+
+def build(tmp_path, model: onnx.ModelProto, target: str = "host"):
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "out"
+    return path, out, compile_model(CompileOptions(source=str(path), target=target, output=out, runs=2))
+
+
+@pytest.mark.parametrize("make, convs, matmuls", [(resnet_block, 3, 1), (attention_block, 0, 6)])
+def test_builds_with_the_kernels_match_onnxruntime_on_other_inputs(tmp_path, make, convs, matmuls):
+    """The build's own check runs on its seeded inputs; an out-of-bounds write (a slice once inlined into a
+    kernel's write-back) passed it and failed on the next inputs, so these run the artifact on new ones."""
+    import autoglm_compile
+
+    lanes()
+    path, out, report = build(tmp_path, make())
+    assert report.result == "ok" and report.accuracy.ok
+    note = next(n for n in report.schedule if "hand-scheduled fp32 kernels" in n)
+    assert note.startswith(f"{convs} Conv and {matmuls} MatMul/Gemm with hand-scheduled fp32 kernels")
+    model = autoglm_compile.load(out)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(123)
+    for _ in range(3):
+        feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in make().graph.input}
+        if "mask" in feeds:
+            feeds["mask"] = (np.arange(feeds["mask"].size) < feeds["mask"].size * 3 // 4).astype(np.float32).reshape(feeds["mask"].shape)
+        (got,), (want,) = model(feeds), sess.run(None, feeds)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_scheduled_kernels_compute_what_their_loop_nests_compute():
+    """Every fused kernel of the attention block: scheduled (the register tile, the GELU and the mask computed on
+    it) against the same PrimFunc unscheduled, on the same random buffers."""
+    from tvm.relax.backend.cpu_generic import pipeline as p
+
+    from autoglm_compile.inputs import InputSpec
+    from autoglm_compile.tvm_build import import_relax
+
+    width = lanes()
+    target = host_target()
+    mod = import_relax(attention_block(), [InputSpec("x", (1, 32, 64), "float32"), InputSpec("mask", (1, 1, 1, 32), "float32")])
+    mod, summary = cpu_kernels.rewrite(mod, target)
+    assert summary.matmuls == 6
+    with target:
+        mod = tvm.transform.Sequential(p.library_dispatch_passes(target) + p.legalize_passes(target))(mod)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or not cpu_kernels._block_names(func) & {cpu_kernels.DENSE, cpu_kernels.CONV}:
+            continue
+        plain = func.with_attr("global_symbol", "main")
+        scheduled = cpu_kernels.schedule_func(plain, width, cpu_kernels.vector_unit(target)[1])
+        assert scheduled.attrs["tirx.is_scheduled"]
+        args = [rng.standard_normal([int(d) for d in b.shape]).astype(b.dtype) for b in plain.params]
+        results = []
+        for fn in (plain, scheduled):
+            tensors = [tvm.runtime.tensor(a.copy()) for a in args]
+            tvm.compile(tvm.IRModule({"main": fn}), target=target)(*tensors)
+            results.append([t.numpy() for t in tensors])
+        for got, want in zip(*results):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=gvar.name_hint)
+        checked += 1
+    assert checked == 4  # the projection with its GELU; q, k and v (one PrimFunc); the scores with the mask; the context
+
+
+def test_a_slice_after_the_kernel_is_not_inlined_into_its_write_back():
+    """TVM's reverse_compute_inline accepts a consumer that reads part of the tile, and the write-back then writes
+    the whole tile into the smaller output (heap corruption, seen once): only consumers of the tile's shape are
+    inlined; the slice runs after the kernel, and its result is right."""
+    from tvm import te
+
+    width = lanes()
+    a = te.placeholder((16, 32), name="a")
+    wp = te.placeholder((1, 32, width), name="wp")
+    dense = cpu_kernels._dense(a, wp)
+    part = te.compute((16, width // 2), lambda i, j: dense[i, j] + 1.0, name="part")
+    scheduled = cpu_kernels.schedule_func(te.create_prim_func([a, wp, part]), width, (8, 2))
+    assert "part" in cpu_kernels._block_names(scheduled)
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=host_target())
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((16, 32)).astype(np.float32), rng.standard_normal((32, width)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((16, width // 2), np.float32))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(w.reshape(1, 32, width)), out)
+    np.testing.assert_allclose(out.numpy(), (x @ w)[:, :width // 2] + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_what_stays_on_the_default_path_and_why():
+    """Channels or columns that are not a multiple of the vector width, grouped convs and dynamic shapes keep the
+    default path, and the summary says why."""
+    from autoglm_compile.inputs import InputSpec
+    from autoglm_compile.tvm_build import import_relax
+
+    width = lanes()
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c", "dw"], ["d"], pads=[1, 1, 1, 1], group=width),
+             helper.make_node("Conv", ["d", "odd"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width + 1, 6, 6])],
+                       [const(rng, "w", width, 8, 3, 3), const(rng, "dw", width, 1, 3, 3), const(rng, "odd", width + 1, width, 1, 1)])
+    _, summary = cpu_kernels.rewrite(import_relax(model, [InputSpec("x", (1, 8, 6, 6), "float32")]), host_target())
+    assert summary.convs == 1
+    assert summary.kept == {"Conv: grouped or depthwise": 1, f"Conv: {width + 1} output channels, not a multiple of {width}": 1}
+
+
+def test_no_kernels_without_a_vector_unit_they_are_written_for():
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})  # SSE2 only
+    assert cpu_kernels.vector_unit(target) is None
+    assert "no hand-scheduled fp32 kernels" in cpu_kernels.KernelSummary(None).describe()
+
+
+def test_tuning_leaves_the_kernels_alone():
+    """Their PrimFuncs are marked scheduled before task extraction: no tuning task holds one."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from autoglm_compile import tuning
+    from autoglm_compile.inputs import InputSpec
+    from autoglm_compile.tvm_build import import_relax
+
+    lanes()
+    target = host_target()
+    mod, summary = cpu_kernels.rewrite(import_relax(resnet_block(), [InputSpec("x", (1, 16, 14, 14), "float32")]), target)
+    assert (summary.convs, summary.matmuls) == (3, 1)
+    before, _ = tuning._phases(target)
+    with target:
+        mod = tvm.transform.Sequential(before)(mod)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    assert sum(tuning._scheduled(t) for t in tasks) == 4  # the three convs and the head (with what is fused after them)
+    assert all(not cpu_kernels._block_names(t.dispatched[0]["main"]) & {cpu_kernels.CONV, cpu_kernels.DENSE} for t in tasks if not tuning._scheduled(t))
+
+
+@pytest.mark.skipif(__import__("shutil").which("aarch64-linux-gnu-gcc") is None, reason="aarch64-linux-gnu-gcc is not installed (make install installs it)")
+def test_cross_built_for_arm_with_neon_kernels(tmp_path):
+    """NEON's 4 lanes: the conv net's kernels cross-compile for a Cortex-A76 and are in its library."""
+    from autoglm_compile.libfile import read_elf
+
+    _, out, report = build(tmp_path, resnet_block(), target="arm-cortex-a76")
+    assert any(n.startswith("3 Conv and 1 MatMul/Gemm with hand-scheduled fp32 kernels (4-lane vectors") for n in report.schedule)
+    symbols = read_elf(out / "model.so").dynamic_symbols()
+    assert any(cpu_kernels.CONV in s for s in symbols) and any(cpu_kernels.DENSE in s for s in symbols)
