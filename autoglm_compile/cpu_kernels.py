@@ -38,6 +38,7 @@ class KernelSummary:
     lanes: int | None
     convs: int = 0
     matmuls: int = 0
+    attentions: int = 0  # relax.nn.attention ops written as two matmuls (counted in matmuls) and a softmax
     kept: dict[str, int] = field(default_factory=dict)
 
     def keep(self, op: str, reason: str) -> None:
@@ -48,6 +49,8 @@ class KernelSummary:
         if self.lanes is None:
             return "no hand-scheduled fp32 kernels: the target has no vector unit they are written for (AVX-512, AVX2, NEON)"
         text = f"{self.convs} Conv and {self.matmuls} MatMul/Gemm with hand-scheduled fp32 kernels ({self.lanes}-lane vectors, weights packed at build time)"
+        if self.attentions:
+            text += f"; {self.attentions} Attention as two of those matmuls and a softmax each"
         if self.kept:
             text += "; default path: " + ", ".join(f"{k} x{n}" for k, n in sorted(self.kept.items()))
         return text
@@ -104,6 +107,7 @@ def rewrite(mod, target):
     lanes = unit[0]
     op = tvm.ir.Op.get
     CONV2D, MATMUL, PERMUTE = op("relax.nn.conv2d"), op("relax.matmul"), op("relax.permute_dims")
+    ATTENTION, GELU = (op("relax.nn.attention"), op("relax.nn.attention_bias")), op("relax.nn.gelu")
 
     def constant_weight(mutator_, expr):
         call = bound_value(mutator_, expr)
@@ -124,7 +128,38 @@ def rewrite(mod, target):
                 return self._conv(call)
             if call.op.same_as(MATMUL):
                 return self._matmul(call)
+            if any(call.op.same_as(o) for o in ATTENTION) and str(call.ty.dtype) == "float32":
+                return self._attention(call)
+            if call.op.same_as(GELU) and str(call.ty.dtype) == "float32":
+                # as its erf formula, which FastMathTransform makes vectorizable (topi's gelu calls libm's erff)
+                x = call.args[0]
+                half = relax.const(0.5, "float32")
+                return relax.op.multiply(relax.op.multiply(x, half), relax.op.add(relax.const(1.0, "float32"),
+                                                                                 relax.op.erf(relax.op.multiply(x, relax.const(2 ** -0.5, "float32")))))
             return call
+
+        def _attention(self, call):
+            """relax.nn.attention (O3's fuse-attention: Q, K, V [B, S, N, H], an optional bias) as its two matmuls
+            and a softmax, which these kernels run; TVM's own attention kernel is a plain loop nest on CPUs."""
+            a = call.attrs
+            if a.causal_mask is not None or a.window_size is not None:
+                summary.keep("Attention", "causal or windowed")
+                return call
+            q, k, v = call.args[:3]
+            head = int(q.ty.shape[-1])
+            scale = float(a.scale) if a.scale is not None else head ** -0.5
+            emit = self.builder_.emit
+            qt = emit(relax.op.permute_dims(q, [0, 2, 1, 3]))
+            kt = emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
+            vt = emit(relax.op.permute_dims(v, [0, 2, 1, 3]))
+            scores = self._matmul(self.builder_.normalize(relax.op.matmul(qt, kt)))
+            scores = relax.op.multiply(emit(scores), relax.const(scale, "float32"))
+            if len(call.args) > 3:
+                scores = relax.op.add(emit(scores), call.args[3])
+            probs = emit(relax.op.nn.softmax(emit(scores), axis=-1))
+            context = self._matmul(self.builder_.normalize(relax.op.matmul(probs, vt)))
+            summary.attentions += 1
+            return relax.op.permute_dims(emit(context), [0, 2, 1, 3])
 
         def _conv(self, call):
             a = call.attrs

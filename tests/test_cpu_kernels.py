@@ -81,24 +81,28 @@ def attention_block(seq: int = 32, hidden: int = 64, heads: int = 2) -> onnx.Mod
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, heads, seq, d])], inits)
 
 
-def build(tmp_path, model: onnx.ModelProto, target: str = "host"):
+def build(tmp_path, model: onnx.ModelProto, target: str = "host", preset: str = "O2"):
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
     out = tmp_path / "out"
-    return path, out, compile_model(CompileOptions(source=str(path), target=target, output=out, runs=2))
+    return path, out, compile_model(CompileOptions(source=str(path), target=target, output=out, runs=2, preset=preset))
 
 
-@pytest.mark.parametrize("make, convs, matmuls", [(resnet_block, 3, 1), (attention_block, 0, 6)])
-def test_builds_with_the_kernels_match_onnxruntime_on_other_inputs(tmp_path, make, convs, matmuls):
+@pytest.mark.parametrize("make, preset, convs, matmuls, attentions", [
+    (resnet_block, "O2", 3, 1, 0),
+    (attention_block, "O2", 0, 6, 0),
+])
+def test_builds_with_the_kernels_match_onnxruntime_on_other_inputs(tmp_path, make, preset, convs, matmuls, attentions):
     """The build's own check runs on its seeded inputs; an out-of-bounds write (a slice once inlined into a
     kernel's write-back) passed it and failed on the next inputs, so these run the artifact on new ones."""
     import autoglm_compile
 
     lanes()
-    path, out, report = build(tmp_path, make())
+    path, out, report = build(tmp_path, make(), preset=preset)
     assert report.result == "ok" and report.accuracy.ok
     note = next(n for n in report.schedule if "hand-scheduled fp32 kernels" in n)
     assert note.startswith(f"{convs} Conv and {matmuls} MatMul/Gemm with hand-scheduled fp32 kernels")
+    assert (f"{attentions} Attention as two" in note) == bool(attentions)
     model = autoglm_compile.load(out)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(123)
@@ -143,6 +147,39 @@ def test_the_scheduled_kernels_compute_what_their_loop_nests_compute():
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=gvar.name_hint)
         checked += 1
     assert checked == 4  # the projection with its GELU; q, k and v (one PrimFunc); the scores with the mask; the context
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_relax_attention_is_written_as_the_kernels_matmuls(with_bias):
+    """relax.nn.attention (O3's fuse-attention; TVM's own kernel for it is a plain loop nest on CPUs): two matmuls
+    and a softmax, and the same result."""
+    from tvm import relax
+
+    from autoglm_compile.tvm_build import ScheduleContext, build, lower
+
+    width = lanes()
+    b, s, n, h = 1, 2 * width, 2, width
+    bb = relax.BlockBuilder()
+    q, k, v = (relax.Var(name, relax.TensorType((b, s, n, h), "float32")) for name in "qkv")
+    bias = relax.Var("bias", relax.TensorType((b, n, s, s), "float32"))
+    params = [q, k, v, bias] if with_bias else [q, k, v]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.attention(q, k, v, bias if with_bias else None, scale=0.3))
+        bb.emit_func_output(out)
+    desc = resolve_target("host")
+    context = ScheduleContext(desc=desc, cpu_kernels=True)
+    lowered, target = lower(bb.get(), desc, "default", context)
+    assert any(n.startswith("0 Conv and 2 MatMul/Gemm") and "1 Attention as two" in n for n in context.notes), context.notes
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal([int(d) for d in p.ty.shape]).astype(np.float32) for p in params]
+    vm = relax.VirtualMachine(build(lowered, target).executable, tvm.cpu())
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+    qt, kt, vt = (a.transpose(0, 2, 1, 3) for a in arrays[:3])
+    scores = qt @ kt.transpose(0, 1, 3, 2) * 0.3 + (arrays[3] if with_bias else 0)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = ((probs / probs.sum(-1, keepdims=True)) @ vt).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_slice_after_the_kernel_is_not_inlined_into_its_write_back():
