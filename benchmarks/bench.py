@@ -1,12 +1,12 @@
 """Ours against the peers, in one run on one machine: `make bench` writes docs/benchmarks.md and docs/benchmarks.json.
 
-    python benchmarks/bench.py host [--models resnet50 bert] [--runs 20] [--threads N] [--tune-time 10m]
+    python benchmarks/bench.py host [--models resnet50 bert] [--runs 20] [--threads N] [--tune-time 10m | '']
                                     [--tuning-db DIR] [--cache build/models] [--write docs/benchmarks.md]
     python benchmarks/bench.py gpu BUILD_DIR [BUILD_DIR ...] --out results.json [--max-autotune] [--peers P ...]
     python benchmarks/bench.py table RESULTS.json [...] --write docs/benchmarks.md
 
 host: for each model (transformers ResNetConfig() / BertConfig() at seq 128, batch 1, seeded random weights):
-  - ours: the CLI (`autoglm-compile MODEL --tune --tune-time T`), so the build + tune time is what a user waits; then the
+  - ours: the CLI (`autoglm-compile MODEL`, with `--tune-time T` when one is given), so the build (+ tune) time is what a user waits; then the
     artifact is timed in a fresh process through autoglm_compile.load(), like every peer;
   - ONNX Runtime: the same ONNX file, all graph optimizations, intra-op threads = N;
   - PyTorch eager and torch.compile (default mode): the same transformers model and seed, torch.set_num_threads(N),
@@ -362,7 +362,7 @@ def main() -> None:
     h.add_argument("--runs", type=int, default=20)
     h.add_argument("--max-seconds", type=float, default=60.0)
     h.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    h.add_argument("--tune-time", default="10m", help="ours: --tune-time per model ('' for an untuned build)")
+    h.add_argument("--tune-time", default="", help="ours: --tune-time per model (default '': an untuned build)")
     h.add_argument("--tuning-db", default=None)
     h.add_argument("--cache", default=str(ROOT / "build" / "models"))
     h.add_argument("--write", default=None)
