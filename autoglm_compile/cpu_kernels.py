@@ -244,6 +244,16 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return next(d for d in range(min(at_most, n), 0, -1) if n % d == 0)
 
 
+def register_tile(extent: int, n_blocks: int, rows: int, blocks: int) -> tuple[int, int]:
+    """(rows, blocks) of the register tile for `extent` rows (a conv: output columns) and `n_blocks` vector blocks of
+    outputs: exact divisors (no partial tiles), as many accumulators as the preferred tile has and no more (the
+    registers), and among equals the rows nearest the preferred. E.g. AVX-512, (8, 2): 7 columns take (7, 2), 14
+    take (7, 2), a sequence of 77 takes (7, 2)."""
+    shapes = [(r, b) for r in range(1, 2 * rows + 1) if extent % r == 0 for b in range(1, 2 * blocks + 1)
+              if n_blocks % b == 0 and r * b <= rows * blocks]
+    return max(shapes, key=lambda rb: (rb[0] * rb[1], -abs(rb[0] - rows)))
+
+
 def schedule_func(func, lanes: int, tile: tuple[int, int]):
     """The PrimFunc with its DENSE or CONV block register-blocked (see the module's docstring) and the blocks fused
     after it computed on each tile; None if it has neither block."""
@@ -285,8 +295,8 @@ def schedule_func(func, lanes: int, tile: tuple[int, int]):
         outer, i, reduce = [n, y], x, [rh, rw, rc]
         extent = int(sch.get(x).extent)
     n_out = int(sch.get(j).extent)
-    blocks = _largest_divisor(n_out // lanes, blocks)
-    io, ii = sch.split(i, [None, _largest_divisor(extent, rows)])
+    rows, blocks = register_tile(extent, n_out // lanes, rows, blocks)
+    io, ii = sch.split(i, [None, rows])
     jo, jb, jl = sch.split(j, [None, blocks, lanes])
     ko, ki = sch.split(reduce[-1], [None, _largest_divisor(int(sch.get(reduce[-1]).extent), K_UNROLL)])
     reduce = [*reduce[:-1], ko, ki]

@@ -257,3 +257,16 @@ def test_cross_built_for_arm_with_neon_kernels(tmp_path):
     assert any(n.startswith("3 Conv and 1 MatMul/Gemm with hand-scheduled fp32 kernels (4-lane vectors") for n in report.schedule)
     symbols = read_elf(out / "model.so").dynamic_symbols()
     assert any(cpu_kernels.CONV in s for s in symbols) and any(cpu_kernels.DENSE in s for s in symbols)
+
+
+@pytest.mark.parametrize("extent, n_blocks, preferred, want", [
+    (112, 4, (8, 2), (8, 2)),   # ResNet-50's stem: the preferred tile divides
+    (7, 32, (8, 2), (7, 2)),    # its 7x7 stage: 7 columns, still 14 accumulators
+    (14, 16, (8, 2), (7, 2)),   # 14 columns: (14, 1) has as many accumulators; 7 is nearer 8 rows
+    (127, 48, (8, 2), (1, 4)),  # a prime: the widest row of blocks
+    (7, 8, (6, 2), (7, 1)),     # AVX2's 16 registers: no more than 12 accumulators
+])
+def test_register_tile_divides_and_fits_the_registers(extent, n_blocks, preferred, want):
+    rows, blocks = cpu_kernels.register_tile(extent, n_blocks, *preferred)
+    assert (rows, blocks) == want
+    assert extent % rows == 0 and n_blocks % blocks == 0 and rows * blocks <= preferred[0] * preferred[1]
