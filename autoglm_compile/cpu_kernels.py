@@ -25,10 +25,11 @@ import numpy as np
 
 from .int8_kernels import _const, bound_value, sink_transposes
 
-DENSE, CONV = "dense_f32_packed", "conv2d_nhwc_f32_packed"  # the kernels' main blocks (and PrimFunc name hints)
+DENSE, CONV, DEPTHWISE = "dense_f32_packed", "conv2d_nhwc_f32_packed", "depthwise_nhwc_f32"  # the kernels' main blocks (and PrimFunc name hints)
 # float32 lanes of the widest vector unit an llvm target has, by LLVM feature; (rows, blocks) of the register tile
 VECTOR_UNITS = [("avx512f", 16, (8, 2)), ("avx2", 8, (6, 2)), ("neon", 4, (8, 2))]
 K_UNROLL = 4
+LANES_KEY = "autoglm_lanes"  # the main block's annotation: the width of its weight blocks (the vector width or a half or quarter of it)
 
 
 @dataclass
@@ -39,16 +40,31 @@ class KernelSummary:
     convs: int = 0
     matmuls: int = 0
     attentions: int = 0  # relax.nn.attention ops written as two matmuls (counted in matmuls) and a softmax
+    depthwise: int = 0  # of the convs
+    conv_transposes: int = 0  # ConvTranspose with stride = kernel, as a matmul per pixel
+    padded: int = 0  # convs whose output channels were padded to whole vector blocks (and sliced after)
+    narrow: int = 0  # kernels on half or quarter vectors: their output channels are not a multiple of the full width
     kept: dict[str, int] = field(default_factory=dict)
 
     def keep(self, op: str, reason: str) -> None:
         key = f"{op}: {reason}"
         self.kept[key] = self.kept.get(key, 0) + 1
 
+    @property
+    def kernels(self) -> int:
+        return self.convs + self.conv_transposes + self.matmuls
+
     def describe(self) -> str:
         if self.lanes is None:
             return "no hand-scheduled fp32 kernels: the target has no vector unit they are written for (AVX-512, AVX2, NEON)"
-        text = f"{self.convs} Conv and {self.matmuls} MatMul/Gemm with hand-scheduled fp32 kernels ({self.lanes}-lane vectors, weights packed at build time)"
+        transposes = f", {self.conv_transposes} ConvTranspose" if self.conv_transposes else ""
+        text = f"{self.convs} Conv{transposes} and {self.matmuls} MatMul/Gemm with hand-scheduled fp32 kernels ({self.lanes}-lane vectors, weights packed at build time)"
+        if self.depthwise:
+            text += f"; {self.depthwise} of the convs depthwise"
+        if self.padded:
+            text += f"; {self.padded} with their output channels padded to whole vector blocks"
+        if self.narrow:
+            text += f"; {self.narrow} of them on {self.lanes // 2}- or {self.lanes // 4}-lane blocks (their output channels)"
         if self.attentions:
             text += f"; {self.attentions} Attention as two of those matmuls and a softmax each"
         if self.kept:
@@ -77,7 +93,7 @@ def _dense(a, wp):
     lanes, nb = int(wp.shape[-1]), len(wp.shape) - 3
     k = te.reduce_axis((0, a.shape[-1]), "k")
     return te.compute((*a.shape[:-1], wp.shape[-3] * lanes), lambda *i: te.sum(
-        a[(*i[:-1], k)] * wp[(*i[len(i) - 2 - nb:len(i) - 2], i[-1] // lanes, k, i[-1] % lanes)], axis=k), name=DENSE)
+        a[(*i[:-1], k)] * wp[(*i[len(i) - 2 - nb:len(i) - 2], i[-1] // lanes, k, i[-1] % lanes)], axis=k), name=DENSE, attrs={LANES_KEY: lanes})
 
 
 def _conv2d(x, wp, strides, dilation):
@@ -90,7 +106,20 @@ def _conv2d(x, wp, strides, dilation):
     oh, ow = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
     rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, ci), "rc")
     return te.compute((n, oh, ow, o_blocks * lanes), lambda b, y, z, c: te.sum(
-        x[b, y * sh + rh * dh, z * sw + rw * dw, rc] * wp[c // lanes, rh, rw, rc, c % lanes], axis=[rh, rw, rc]), name=CONV)
+        x[b, y * sh + rh * dh, z * sw + rw * dw, rc] * wp[c // lanes, rh, rw, rc, c % lanes], axis=[rh, rw, rc]), name=CONV, attrs={LANES_KEY: lanes})
+
+
+def _depthwise(x, wd, lanes, strides, dilation):
+    """float32 NHWC = depthwise conv2d of x (NHWC, padded already) with the weight [KH, KW, C]."""
+    from tvm import te
+
+    n, h, w, c = x.shape
+    kh, kw = int(wd.shape[0]), int(wd.shape[1])
+    (sh, sw), (dh, dw) = strides, dilation
+    oh, ow = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    return te.compute((n, oh, ow, c), lambda b, y, z, ch: te.sum(x[b, y * sh + rh * dh, z * sw + rw * dw, ch] * wd[rh, rw, ch], axis=[rh, rw]),
+                      name=DEPTHWISE, attrs={LANES_KEY: lanes})
 
 
 def rewrite(mod, target):
@@ -104,10 +133,15 @@ def rewrite(mod, target):
     summary = KernelSummary(unit[0] if unit else None)
     if unit is None:
         return mod, summary
-    lanes = unit[0]
+    widest = unit[0]
+
+    def lanes_for(n: int) -> int | None:
+        """The widest vector, half or quarter vector (at least 4 lanes) whose width divides n output channels."""
+        return next((w for w in (widest, widest // 2, widest // 4) if w >= 4 and n % w == 0), None)
     op = tvm.ir.Op.get
     CONV2D, MATMUL, PERMUTE = op("relax.nn.conv2d"), op("relax.matmul"), op("relax.permute_dims")
     ATTENTION, GELU = (op("relax.nn.attention"), op("relax.nn.attention_bias")), op("relax.nn.gelu")
+    CONV_TRANSPOSE = op("relax.nn.conv2d_transpose")
 
     def constant_weight(mutator_, expr):
         call = bound_value(mutator_, expr)
@@ -128,6 +162,8 @@ def rewrite(mod, target):
                 return self._conv(call)
             if call.op.same_as(MATMUL):
                 return self._matmul(call)
+            if call.op.same_as(CONV_TRANSPOSE) and str(call.ty.dtype) == "float32":
+                return self._conv_transpose(call)
             if any(call.op.same_as(o) for o in ATTENTION) and str(call.ty.dtype) == "float32":
                 return self._attention(call)
             if call.op.same_as(GELU) and str(call.ty.dtype) == "float32":
@@ -137,6 +173,37 @@ def rewrite(mod, target):
                 return relax.op.multiply(relax.op.multiply(x, half), relax.op.add(relax.const(1.0, "float32"),
                                                                                  relax.op.erf(relax.op.multiply(x, relax.const(2 ** -0.5, "float32")))))
             return call
+
+        def _conv_transpose(self, call):
+            """A transposed conv whose stride is its kernel (an upsampling head: DB's 2x2, stride 2), as a matmul of
+            each input pixel with the weight [I, KH*KW*O] and a depth-to-space; other ones keep the default path."""
+            a = call.attrs
+            w = constant_weight(self, call.args[1])
+            x = call.args[0]
+            if w is None or a.data_layout != "NCHW" or a.kernel_layout != "IOHW" or str(a.out_layout) != "NCHW" or int(a.groups) != 1:
+                summary.keep("ConvTranspose", "not NCHW with a constant IOHW weight, ungrouped")
+                return call
+            i, o, kh, kw = w.shape
+            if [int(v) for v in a.strides] != [kh, kw] or any(int(v) for v in (*a.padding, *a.output_padding)) or any(int(v) != 1 for v in a.dilation):
+                summary.keep("ConvTranspose", "its stride is not its kernel, or it pads")
+                return call
+            if any(not isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape):
+                summary.keep("ConvTranspose", "dynamic shape")
+                return call
+            n_, _, h, wd = (int(d) for d in x.ty.shape)
+            cols = kh * kw * o
+            lanes = lanes_for(cols)
+            if lanes is None:
+                summary.keep("ConvTranspose", f"{cols} output values per pixel, not a multiple of 4")
+                return call
+            w2 = w.transpose(0, 2, 3, 1).reshape(i, cols)  # columns (dy, dx, o)
+            wp = np.ascontiguousarray(w2.reshape(i, cols // lanes, lanes).transpose(1, 0, 2))
+            pixels = self.builder_.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+            y = self.builder_.emit(self.builder_.call_te(_dense, pixels, relax.const(wp), primfunc_name_hint=DENSE))
+            y = relax.op.permute_dims(relax.op.reshape(y, [n_, h, wd, kh, kw, o]), [0, 5, 1, 3, 2, 4])
+            summary.conv_transposes += 1
+            summary.narrow += lanes < widest
+            return relax.op.reshape(self.builder_.emit(y), [n_, o, h * kh, wd * kw])
 
         def _attention(self, call):
             """relax.nn.attention (O3's fuse-attention: Q, K, V [B, S, N, H], an optional bias) as its two matmuls
@@ -168,28 +235,44 @@ def rewrite(mod, target):
             if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or str(a.out_layout) != "NCHW":
                 summary.keep("Conv", f"layout {a.data_layout}/{a.kernel_layout}")
                 return call
-            if int(a.groups) != 1:
-                summary.keep("Conv", "grouped or depthwise")
-                return call
             w = constant_weight(self, call.args[1])
+            groups = int(a.groups)
+            depthwise = w is not None and groups > 1 and w.shape[1] == 1 and groups == w.shape[0] == int(call.args[0].ty.shape[1])
+            if groups != 1 and not depthwise:
+                summary.keep("Conv", "grouped (not depthwise)")
+                return call
             if w is None:
                 summary.keep("Conv", "its weight is not a constant")
                 return call
             if any(not isinstance(d, tvm.tirx.IntImm) for d in call.args[0].ty.shape):
                 summary.keep("Conv", "dynamic shape")
                 return call
-            if w.shape[0] % lanes:
-                summary.keep("Conv", f"{w.shape[0]} output channels, not a multiple of {lanes}")
-                return call
+            lanes = lanes_for(w.shape[0])
+            extra = 0
+            if lanes is None:  # output channels padded with zero weights to whole 8- or 4-lane blocks, sliced off after
+                lanes = widest // 2 if w.shape[0] > widest // 2 else max(4, widest // 4)
+                extra = -w.shape[0] % lanes
+                if depthwise:
+                    summary.keep("Conv", f"depthwise with {w.shape[0]} channels, not a multiple of 4")
+                    return call
             top, left, bottom, right = (int(p) for p in a.padding)
             x = relax.op.permute_dims(call.args[0], [0, 2, 3, 1])
             if top or left or bottom or right:
                 x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0], "constant", 0.0)
             o, i, kh, kw = w.shape
-            wp = w.reshape(o // lanes, lanes, i, kh, kw).transpose(0, 3, 4, 2, 1)
-            out = self.builder_.call_te(_conv2d, self.builder_.emit(x), relax.const(np.ascontiguousarray(wp)), [int(v) for v in a.strides],
-                                        [int(v) for v in a.dilation], primfunc_name_hint=CONV)
+            strides, dilation = [int(v) for v in a.strides], [int(v) for v in a.dilation]
+            if depthwise:  # the weight [KH, KW, C]: channels contiguous, like the NHWC input
+                wd = np.ascontiguousarray(w.reshape(o, kh, kw).transpose(1, 2, 0))
+                out = self.builder_.call_te(_depthwise, self.builder_.emit(x), relax.const(wd), lanes, strides, dilation, primfunc_name_hint=DEPTHWISE)
+                summary.depthwise += 1
+            else:
+                wp = np.pad(w, [(0, extra), (0, 0), (0, 0), (0, 0)]).reshape((o + extra) // lanes, lanes, i, kh, kw).transpose(0, 3, 4, 2, 1)
+                out = self.builder_.call_te(_conv2d, self.builder_.emit(x), relax.const(np.ascontiguousarray(wp)), strides, dilation, primfunc_name_hint=CONV)
+                if extra:
+                    out = relax.op.strided_slice(self.builder_.emit(out), axes=[3], begin=[0], end=[o])
+                    summary.padded += 1
             summary.convs += 1
+            summary.narrow += lanes < widest
             return relax.op.permute_dims(out, [0, 3, 1, 2])
 
         def _matmul(self, call):
@@ -202,14 +285,16 @@ def rewrite(mod, target):
                 summary.keep("MatMul", f"its weight has {w.ndim} dims")
                 return call
             k, n = w.shape
-            if n % lanes:
-                summary.keep("MatMul", f"{n} output columns, not a multiple of {lanes}")
+            lanes = lanes_for(n)
+            if lanes is None:
+                summary.keep("MatMul", f"{n} output columns, not a multiple of 4")
                 return call
             if call.args[0].ty.ndim < 1 or any(not isinstance(d, tvm.tirx.IntImm) for d in call.args[0].ty.shape):
                 summary.keep("MatMul", "dynamic shape")
                 return call
             wp = np.ascontiguousarray(w.reshape(k, n // lanes, lanes).transpose(1, 0, 2))
             summary.matmuls += 1
+            summary.narrow += lanes < widest
             return self.builder_.call_te(_dense, call.args[0], relax.const(wp), primfunc_name_hint=DENSE)
 
         def _activations(self, call):
@@ -223,19 +308,21 @@ def rewrite(mod, target):
             if batch != batch_b or k != k_b or not batch:
                 summary.keep("MatMul", "two activations with unlike or broadcast batch dims")
                 return call
-            if n % lanes:
-                summary.keep("MatMul", f"two activations, {n} output columns, not a multiple of {lanes}")
+            lanes = lanes_for(n)
+            if lanes is None:
+                summary.keep("MatMul", f"two activations, {n} output columns, not a multiple of 4")
                 return call
             nb = len(batch)
             bp = relax.op.permute_dims(relax.op.reshape(b, [*batch, k, n // lanes, lanes]), [*range(nb), nb + 1, nb, nb + 2])
             summary.matmuls += 1
+            summary.narrow += lanes < widest
             return self.builder_.call_te(_dense, a, self.builder_.emit(bp), primfunc_name_hint=DENSE)
 
     rewriter = Rewriter(mod)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    if not (summary.convs or summary.matmuls):
+    if not summary.kernels:
         return mod, summary
     return sink_transposes(relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewriter.builder_.get()))), summary
 
@@ -262,11 +349,12 @@ def schedule_func(func, lanes: int, tile: tuple[int, int]):
 
     sch = Schedule(func)
     names = _block_names(func)
-    name = DENSE if DENSE in names else CONV if CONV in names else None
+    name = next((n for n in (DENSE, CONV, DEPTHWISE) if n in names), None)
     if name is None:
         return None
     main = sch.get_sblock(name)
     rows, blocks = tile
+    lanes = int(sch.get(main).annotations.get(LANES_KEY, lanes))
     out = sch.cache_write(main, 0, "local")  # the write-back of the register tile
     # The elementwise ops fused after the kernel: first inlined into one another (a GELU's five ops become one; a
     # mask's logical_and and where into the add that reads them), then into the write-back, one after another.
@@ -290,6 +378,10 @@ def schedule_func(func, lanes: int, tile: tuple[int, int]):
         *outer, i, j, k = loops
         reduce = [k]
         extent = int(sch.get(i).extent)
+    elif name == DEPTHWISE:
+        n, y, x, j, rh, rw = loops
+        outer, i, reduce = [n, y], x, [rh, rw]
+        extent = int(sch.get(x).extent)
     else:
         n, y, x, j, rh, rw, rc = loops
         outer, i, reduce = [n, y], x, [rh, rw, rc]
@@ -329,6 +421,11 @@ def schedule_func(func, lanes: int, tile: tuple[int, int]):
         last = sch.get_loops(block)[-1]
         if int(sch.get(last).extent) % lanes == 0:
             sch.vectorize(sch.split(last, [None, lanes])[-1])
+    # what stays after the kernel's loop nest (a slice of padded output channels and the ops after it), spread too
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    tail = blocks[[sch.get(b).name_hint for b in blocks].index(sch.get(on_tile[-1]).name_hint) + 1:]
+    if tail and all(int(v.iter_type) == 0 for b in tail for v in sch.get(b).iter_vars):
+        _spread(sch, tail, lanes)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -382,9 +479,55 @@ def _row_reductions_only(func) -> bool:
     return ok[0]
 
 
+def _spread(sch, blocks, lanes: int) -> None:
+    """Root blocks that do not reduce: inlined into one another where TVM can; each left over with its outer loops
+    fused and spread over the cores, and its innermost loop vectorized when its extent allows."""
+    import tvm
+
+    names = {sch.get(b).name_hint for b in blocks}
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+        except tvm.s_tir.ScheduleError:
+            pass
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint not in names:
+            continue
+        loops = sch.get_loops(block)
+        if not loops:
+            continue
+        inner = loops[-1]
+        extent = int(sch.get(inner).extent)
+        if len(loops) > 1:
+            sch.parallel(sch.fuse(*loops[:-1]))
+        elif extent > lanes:
+            outer, inner = sch.split(inner, [None, lanes * 16])
+            sch.parallel(outer)
+            extent = int(sch.get(inner).extent)
+        if extent % lanes == 0:
+            sch.vectorize(sch.split(inner, [None, lanes])[-1])
+
+
+def schedule_elementwise(func, lanes: int):
+    """A PrimFunc without reductions (transposes, pads, resizes, elementwise chains: by default single-threaded
+    scalar loop nests): its blocks inlined into one another where TVM can, each left over with its outer loops fused
+    and spread over the cores, and its innermost loop vectorized when its extent allows; None if it reduces."""
+    import tvm
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(func)
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    if not blocks or any(int(v.iter_type) != 0 for b in blocks for v in sch.get(b).iter_vars):  # 0: data parallel
+        return None
+    _spread(sch, blocks, lanes)
+    return sch
+
+
 def schedule_passes(target) -> list:
     """The schedules of an untuned llvm build: the hand-scheduled kernels, then DLight's CPU rule for the kernels
-    that reduce rows of one tensor (softmax, layer norm: parallel rows, vectorized); the rest keeps TVM's default
+    that reduce rows of one tensor (softmax, layer norm: parallel rows, vectorized), and schedule_elementwise for
+    those that do not reduce; the rest (depthwise convs, pooling, convs on the default path) keeps TVM's default
     loop nests."""
     import tvm
     from tvm.s_tir import dlight as dl
@@ -393,4 +536,10 @@ def schedule_passes(target) -> list:
         def apply(self, func, target, tunable):
             return super().apply(func, target, tunable) if _row_reductions_only(func) else None
 
-    return [schedule_pass(target), dl.ApplyDefaultSchedule(RowReductions())]
+    unit = vector_unit(target)
+
+    class Elementwise(dl.cpu.Reduction):  # a CPU rule (its target check); apply is its own
+        def apply(self, func, target, tunable):
+            return schedule_elementwise(func, unit[0]) if unit else None
+
+    return [schedule_pass(target), dl.ApplyDefaultSchedule(RowReductions(), Elementwise())]

@@ -174,7 +174,7 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
         from .cpu_kernels import rewrite
 
         mod, kernels = rewrite(mod, target)
-        if kernels.convs or kernels.matmuls:
+        if kernels.kernels:
             context.notes.append(kernels.describe())
             # erf, exp and tanh as topi's vectorizable approximations: LLVM calls libm per element (a GELU's erf took
             # a third of BERT's FFN-up kernel); ONNX Runtime's MLAS approximates them too

@@ -53,6 +53,24 @@ def resnet_block(c: int = 32) -> onnx.ModelProto:
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], inits)
 
 
+def mobile_block(c: int = 32) -> onnx.ModelProto:
+    """A conv, a strided depthwise conv with a HardSwish, a 1x1 conv with 18 channels (padded to whole vector blocks,
+    sliced after), and a 2x2 stride-2 ConvTranspose with a Sigmoid (the PP-OCRv4 detector's head)."""
+    rng = np.random.default_rng(5)
+    inits = [const(rng, "w1", c, 8, 3, 3), const(rng, "dw", c, 1, 3, 3), const(rng, "db", c), const(rng, "w2", 18, c, 1, 1),
+             const(rng, "wt", 18, 4, 2, 2), const(rng, "bt", 4)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "dw", "db"], ["d"], pads=[1, 1, 1, 1], strides=[2, 2], group=c),
+        helper.make_node("HardSwish", ["d"], ["h"]),
+        helper.make_node("Conv", ["h", "w2"], ["c2"]),
+        helper.make_node("ConvTranspose", ["c2", "wt", "bt"], ["t"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Sigmoid", ["t"], ["y"]),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 20, 20])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 20, 20])], inits)
+
+
 def attention_block(seq: int = 32, hidden: int = 64, heads: int = 2) -> onnx.ModelProto:
     """A projection with bias and an erf GELU, then one attention: scores with a padding mask, softmax, context."""
     rng = np.random.default_rng(2)
@@ -91,6 +109,7 @@ def build(tmp_path, model: onnx.ModelProto, target: str = "host", preset: str = 
 @pytest.mark.parametrize("make, preset, convs, matmuls, attentions", [
     (resnet_block, "O2", 3, 1, 0),
     (attention_block, "O2", 0, 6, 0),
+    (mobile_block, "O2", 3, 0, 0),
 ])
 def test_builds_with_the_kernels_match_onnxruntime_on_other_inputs(tmp_path, make, preset, convs, matmuls, attentions):
     """The build's own check runs on its seeded inputs; an out-of-bounds write (a slice once inlined into a
@@ -101,8 +120,11 @@ def test_builds_with_the_kernels_match_onnxruntime_on_other_inputs(tmp_path, mak
     path, out, report = build(tmp_path, make(), preset=preset)
     assert report.result == "ok" and report.accuracy.ok
     note = next(n for n in report.schedule if "hand-scheduled fp32 kernels" in n)
-    assert note.startswith(f"{convs} Conv and {matmuls} MatMul/Gemm with hand-scheduled fp32 kernels")
+    transposes = ", 1 ConvTranspose" if make is mobile_block else ""
+    assert note.startswith(f"{convs} Conv{transposes} and {matmuls} MatMul/Gemm with hand-scheduled fp32 kernels")
     assert (f"{attentions} Attention as two" in note) == bool(attentions)
+    assert ("1 of the convs depthwise" in note) == (make is mobile_block)
+    assert ("1 with their output channels padded" in note) == (make is mobile_block)
     model = autoglm_compile.load(out)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(123)
@@ -132,7 +154,7 @@ def test_the_scheduled_kernels_compute_what_their_loop_nests_compute():
     rng = np.random.default_rng(0)
     checked = 0
     for gvar, func in mod.functions_items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or not cpu_kernels._block_names(func) & {cpu_kernels.DENSE, cpu_kernels.CONV}:
+        if not isinstance(func, tvm.tirx.PrimFunc) or not cpu_kernels._block_names(func) & {cpu_kernels.DENSE, cpu_kernels.CONV, cpu_kernels.DEPTHWISE}:
             continue
         plain = func.with_attr("global_symbol", "main")
         scheduled = cpu_kernels.schedule_func(plain, width, cpu_kernels.vector_unit(target)[1])
@@ -204,8 +226,8 @@ def test_a_slice_after_the_kernel_is_not_inlined_into_its_write_back():
 
 
 def test_what_stays_on_the_default_path_and_why():
-    """Channels or columns that are not a multiple of the vector width, grouped convs and dynamic shapes keep the
-    default path, and the summary says why."""
+    """A depthwise conv gets its own kernel; output channels that no vector block divides are padded to whole blocks
+    (and sliced after); a grouped conv that is not depthwise keeps the default path, and the summary says why."""
     from autoglm_compile.inputs import InputSpec
     from autoglm_compile.tvm_build import import_relax
 
@@ -213,13 +235,16 @@ def test_what_stays_on_the_default_path_and_why():
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["c", "dw"], ["d"], pads=[1, 1, 1, 1], group=width),
-             helper.make_node("Conv", ["d", "odd"], ["y"])]
+             helper.make_node("Conv", ["d", "odd"], ["y"]),
+             helper.make_node("Conv", ["x", "g"], ["z"], group=2)]
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width + 1, 6, 6])],
-                       [const(rng, "w", width, 8, 3, 3), const(rng, "dw", width, 1, 3, 3), const(rng, "odd", width + 1, width, 1, 1)])
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width + 1, 6, 6]),
+                        helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, width, 6, 6])],
+                       [const(rng, "w", width, 8, 3, 3), const(rng, "dw", width, 1, 3, 3), const(rng, "odd", width + 1, width, 1, 1),
+                        const(rng, "g", width, 4, 1, 1)])
     _, summary = cpu_kernels.rewrite(import_relax(model, [InputSpec("x", (1, 8, 6, 6), "float32")]), host_target())
-    assert summary.convs == 1
-    assert summary.kept == {"Conv: grouped or depthwise": 1, f"Conv: {width + 1} output channels, not a multiple of {width}": 1}
+    assert (summary.convs, summary.depthwise, summary.padded) == (3, 1, 1)
+    assert summary.kept == {"Conv: grouped (not depthwise)": 1}
 
 
 def test_no_kernels_without_a_vector_unit_they_are_written_for():
