@@ -1,4 +1,5 @@
-"""Hand-scheduled float32 kernels for CPU (llvm) targets: convolutions and matmuls with constant weights.
+"""Hand-scheduled float32 kernels for CPU (llvm) targets: convolutions (depthwise too), transposed convolutions
+whose stride is their kernel, matmuls with constant weights and attention's matmuls of two activations.
 
 Without tuning, TVM's CPU pipeline gives every kernel its naive loop nest; with it, MetaSchedule needs thousands of
 trials and still ran BERT-base's dense layers at 47-117 GFLOP/s on this project's 2-core AVX-512 host (ONNX
@@ -13,6 +14,12 @@ a TVM schedule:
   every row tile uses it;
 - the elementwise ops that TVM fuses after the kernel (bias, residual add, ReLU, GELU...) run on the tile as it
   leaves the registers.
+
+Output channels that 16 lanes do not divide take 8- or 4-lane blocks, or are padded with zero weights to whole blocks
+and sliced after the kernel. A depthwise conv reads its NHWC input as vectors along the channels (no packing); a
+transposed conv with stride = kernel is a matmul of each pixel with the weight and a depth-to-space. Kernels without
+a reduction (transposes, pads, elementwise chains) get `schedule_elementwise`, softmax and layer norm DLight's CPU
+rule (`schedule_passes`).
 
 `rewrite` puts the convolutions into NHWC (with `int8_kernels.sink_transposes`, so that a chain of convs stays NHWC)
 and replaces the ops with these kernels; `schedule_pass` schedules them after fusion and marks them scheduled, so
