@@ -348,21 +348,25 @@ def register_tile(extent: int, n_blocks: int, rows: int, blocks: int) -> tuple[i
     return max(shapes, key=lambda rb: (rb[0] * rb[1], -abs(rb[0] - rows)))
 
 
-def schedule_func(func, lanes: int, tile: tuple[int, int]):
-    """The PrimFunc with its DENSE or CONV block register-blocked (see the module's docstring) and the blocks fused
-    after it computed on each tile; None if it has neither block."""
+def schedule_func(func, lanes: int, tile: tuple[int, int], int8: bool = False):
+    """The PrimFunc with its DENSE, CONV or DEPTHWISE block register-blocked (see the module's docstring) and the
+    blocks fused after it computed on each tile; None if it has none of them. int8: also int8_kernels' packed
+    uint8 x int8 blocks (AVX512-VNNI), whose 16 x 4 inner loops become one vpdpbusd each."""
     import tvm
     from tvm.s_tir import Schedule
 
     sch = Schedule(func)
     names = _block_names(func)
-    name = next((n for n in (DENSE, CONV, DEPTHWISE) if n in names), None)
+    name = next((n for n in (DENSE, CONV, DEPTHWISE, *(INT8_BLOCKS if int8 else ())) if n in names), None)
     if name is None:
         return None
     main = sch.get_sblock(name)
     rows, blocks = tile
-    lanes = int(sch.get(main).annotations.get(LANES_KEY, lanes))
-    out = sch.cache_write(main, 0, "local")  # the write-back of the register tile
+    is_int8 = name in INT8_BLOCKS
+    lanes = 16 if is_int8 else int(sch.get(main).annotations.get(LANES_KEY, lanes))
+    # the write-back of the register tile ("global" for int8: the tensor intrinsic's buffers are; LLVM keeps a small
+    # constant-size allocation in registers either way)
+    out = sch.cache_write(main, 0, "global" if is_int8 else "local")
     # The elementwise ops fused after the kernel: first inlined into one another (a GELU's five ops become one; a
     # mask's logical_and and where into the add that reads them), then into the write-back, one after another.
     # Producers of the kernel's own inputs (a pad) stay as they are: inlined, they would put a branch in its inner loop.
@@ -381,7 +385,7 @@ def schedule_func(func, lanes: int, tile: tuple[int, int]):
         except tvm.s_tir.ScheduleError:
             break
     loops = sch.get_loops(main)
-    if name == DENSE:
+    if name in (DENSE, "dense_int8", "batch_matmul_int8"):
         *outer, i, j, k = loops
         reduce = [k]
         extent = int(sch.get(i).extent)
@@ -397,9 +401,14 @@ def schedule_func(func, lanes: int, tile: tuple[int, int]):
     rows, blocks = register_tile(extent, n_out // lanes, rows, blocks)
     io, ii = sch.split(i, [None, rows])
     jo, jb, jl = sch.split(j, [None, blocks, lanes])
-    ko, ki = sch.split(reduce[-1], [None, _largest_divisor(int(sch.get(reduce[-1]).extent), K_UNROLL)])
-    reduce = [*reduce[:-1], ko, ki]
-    sch.reorder(jo, *outer, io, *reduce, ii, jb, jl)
+    if is_int8:  # k in steps of 4: the 4 uint8 x int8 products each int32 lane of vpdpbusd sums, innermost
+        ko, kr = sch.split(reduce[-1], [None, 4])
+        reduce = [*reduce[:-1], ko]
+        sch.reorder(jo, *outer, io, *reduce, ii, jb, jl, kr)
+    else:
+        ko, ki = sch.split(reduce[-1], [None, _largest_divisor(int(sch.get(reduce[-1]).extent), K_UNROLL)])
+        reduce = [*reduce[:-1], ko, ki]
+        sch.reorder(jo, *outer, io, *reduce, ii, jb, jl)
     sch.reverse_compute_at(out, io)
     # what is left after it (an op that reads the tile twice) also on each tile, while it reads only the tile's
     # buffers and the function's inputs; the rest stays after the kernel's loop nest, in order
@@ -418,12 +427,15 @@ def schedule_func(func, lanes: int, tile: tuple[int, int]):
         tile_buffers |= {w.source.name for w in sch.get(block).writes}
     tile_loop = sch.fuse(jo, *outer, io)
     sch.parallel(tile_loop)
-    sch.vectorize(jl)
+    if not is_int8:
+        sch.vectorize(jl)
+        sch.unroll(reduce[-1])
     sch.unroll(ii)
     sch.unroll(jb)
-    sch.unroll(reduce[-1])
     init = sch.decompose_reduction(main, reduce[0])
     sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, lanes])[-1])
+    if is_int8:
+        sch.tensorize(sch.get_loops(sch.get_sblock(f"{name}_update"))[-2], _vnni_intrinsic())
     for block in on_tile:
         last = sch.get_loops(block)[-1]
         if int(sch.get(last).extent) % lanes == 0:
@@ -436,6 +448,19 @@ def schedule_func(func, lanes: int, tile: tuple[int, int]):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+INT8_BLOCKS = ("dense_int8", "batch_matmul_int8", "conv2d_nhwc_int8")  # int8_kernels' packed computes
+def _vnni_intrinsic() -> str:
+    """TVM's dot_16x4_vnni, re-registered with the operand types this LLVM's vpdpbusd.512 takes
+    (tune_worker.fix_vnni_intrinsic)."""
+    from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN
+
+    from .tune_worker import fix_vnni_intrinsic, import_tensor_intrinsics
+
+    import_tensor_intrinsics()
+    fix_vnni_intrinsic()  # also when the intrinsics were imported before, without it
+    return VNNI_DOT_16x4_INTRIN
+
+
 def _block_names(func) -> set[str]:
     from tvm.s_tir.stmt import SBlock
 
@@ -446,11 +471,14 @@ def _block_names(func) -> set[str]:
     return names
 
 
-def schedule_pass(target):
-    """A module pass that schedules the PrimFuncs holding a DENSE or CONV block (after FuseOps/FuseTIR)."""
+def schedule_pass(target, int8: bool = False):
+    """A module pass that schedules the PrimFuncs holding a DENSE, CONV or DEPTHWISE block (after FuseOps/FuseTIR);
+    int8 (untuned builds): int8_kernels' packed blocks too, where the target has AVX512-VNNI."""
     import tvm
+    from tvm.target import codegen
 
     unit = vector_unit(target)
+    int8 = int8 and target.kind.name == "llvm" and "avx512vnni" in set(codegen.llvm_get_cpu_features(target))
 
     @tvm.transform.module_pass(opt_level=0, name="HandScheduledCPUKernels")
     def _pass(mod, _ctx):
@@ -458,7 +486,7 @@ def schedule_pass(target):
             return mod
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, tvm.tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False):
-                scheduled = schedule_func(func.with_attr("global_symbol", "main"), *unit)
+                scheduled = schedule_func(func.with_attr("global_symbol", "main"), *unit, int8=int8)
                 if scheduled is not None:
                     attrs = {k: v for k, v in func.attrs.items()} if func.attrs else {}
                     mod[gvar] = scheduled.with_attr("global_symbol", attrs.get("global_symbol", gvar.name_hint))
@@ -549,4 +577,4 @@ def schedule_passes(target) -> list:
         def apply(self, func, target, tunable):
             return schedule_elementwise(func, unit[0]) if unit else None
 
-    return [schedule_pass(target), dl.ApplyDefaultSchedule(RowReductions(), Elementwise())]
+    return [schedule_pass(target, int8=True), dl.ApplyDefaultSchedule(RowReductions(), Elementwise())]

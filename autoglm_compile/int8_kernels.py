@@ -30,7 +30,8 @@ time, [O/16, KH, KW, I/4, 16, 4] ([N/16, K/4, 16, 4] for a matmul), the layout o
 conv's input channels that are not a multiple of 4 (a stem's 3) and output channels that are not a multiple of 16 (the
 PP-OCRv4 detector's 24) are padded with zero weights, the extra outputs sliced off. Matmuls whose dims do not allow it
 are plain int8 matmuls without vpdpbusd.
-Tuning (--tune) then emits vpdpbusd; untuned default schedules do not. aarch64 (dotprod): activations are shifted to
+Tuning (--tune) then emits vpdpbusd; untuned builds on AVX512-VNNI CPUs get cpu_kernels' hand schedule for these
+packed blocks (a register tile, one vpdpbusd per 16x4 block), on AVX-VNNI-only ones TVM's default loops. aarch64 (dotprod): activations are shifted to
 int8 (xq - 128, zx - 128: exact) for sdot, with plain int8 ops; sdot emission there is not verified.
 CUDA (sm_72 and newer): activations are shifted to int8 as on aarch64, and the int8 convs (NHWC) and matmuls run on
 the tensor cores' int8 fragments (gpu_schedules.wmma_schedule: wmma 16x16x16, s8 x s8 -> s32), their K split where

@@ -66,10 +66,10 @@ def import_tensor_intrinsics() -> None:
     with _cheap_inspect_stack():
         import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the tensor intrinsics the schedule rules name)
 
-        _fix_vnni_intrinsic()
+        fix_vnni_intrinsic()
 
 
-def _fix_vnni_intrinsic() -> None:
+def fix_vnni_intrinsic() -> None:
     """Re-register "dot_16x4_vnni" (MetaSchedule's VNNI rule names it) for LLVM >= 21, where
     llvm.x86.avx512.vpdpbusd.512 takes <64 x i8> operands: TVM 0.27's passes <16 x i32> ones, which LLVM 22 rejects
     ("Call parameter type does not match function signature"), so every VNNI candidate failed to build."""

@@ -295,3 +295,30 @@ def test_register_tile_divides_and_fits_the_registers(extent, n_blocks, preferre
     rows, blocks = cpu_kernels.register_tile(extent, n_blocks, *preferred)
     assert (rows, blocks) == want
     assert extent % rows == 0 and n_blocks % blocks == 0 and rows * blocks <= preferred[0] * preferred[1]
+
+
+def test_untuned_int8_kernels_use_vpdpbusd_and_match_onnxruntime(tmp_path):
+    """Untuned builds schedule int8_kernels' packed blocks too on AVX512-VNNI CPUs: every int8 kernel of the QDQ net
+    (two convs, a matmul) is one vpdpbusd per 16 x 4 block, and the outputs agree with ONNX Runtime's int8 kernels
+    within one output step."""
+    from tvm import relax
+    from tvm.target import codegen
+
+    from autoglm_compile import int8_kernels
+    from autoglm_compile.measure import run_ort
+    from autoglm_compile.tvm_build import ScheduleContext, build, lower
+    from test_int8_kernels import _import, qdq_net
+
+    if "avx512vnni" not in set(codegen.llvm_get_cpu_features(host_target())):
+        pytest.skip("this CPU has no AVX512-VNNI")
+    model = qdq_net(tmp_path)
+    mod, summary = int8_kernels.rewrite(_import(model), host_target())
+    assert summary.packed == 3
+    desc = resolve_target("host")
+    lowered, target = lower(mod, desc, "default", ScheduleContext(desc=desc, cpu_kernels=True))
+    assert int8_kernels.dot_kernels(lowered) == (3, 3)
+    vm = relax.VirtualMachine(build(lowered, target).executable, tvm.cpu())
+    step = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "y_scale")))
+    for sample in np.random.default_rng(3).standard_normal((3, 1, 3, 8, 8)).astype(np.float32) + 0.7:
+        ours, want = vm["main"](tvm.runtime.tensor(sample)).numpy(), run_ort(model, {"x": sample})[0]
+        np.testing.assert_allclose(ours, want, rtol=0, atol=step * 1.001)

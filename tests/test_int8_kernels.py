@@ -1,6 +1,6 @@
 """int8 kernels (autoglm_compile/int8_kernels.py): the DQ -> Conv/MatMul rewrite to int8 x int8 -> int32 on targets
 with an int8 dot product, checked against ONNX Runtime's int8 kernels on the same QDQ model, and VNNI code from
-MetaSchedule's VNNI rule with the re-registered intrinsic (tune_worker._fix_vnni_intrinsic)."""
+MetaSchedule's VNNI rule with the re-registered intrinsic (tune_worker.fix_vnni_intrinsic)."""
 from __future__ import annotations
 
 import numpy as np
