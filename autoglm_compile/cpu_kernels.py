@@ -130,8 +130,9 @@ def _depthwise(x, wd, lanes, strides, dilation):
 
 
 def rewrite(mod, target):
-    """(mod with float32 Conv2d (NCHW, groups 1) and MatMul/Gemm on constant weights as hand-scheduled kernels,
-    KernelSummary). Targets without a vector unit in VECTOR_UNITS get the module back as it is."""
+    """(mod with its float32 convs (NCHW; ungrouped or depthwise), stride = kernel ConvTransposes, matmuls on constant
+    weights, matmuls of two activations and relax attention ops as the kernels of this module, KernelSummary). Targets
+    without a vector unit in VECTOR_UNITS get the module back as it is."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
