@@ -54,7 +54,7 @@ class ScheduleConfig(_Strict):
     strategy: str = "default"
     cuda_graph: bool | None = Field(None, description="CUDA targets: run the static kernel sequences as CUDA graphs (Relax's RewriteCUDAGraph); None: on for CUDA targets; ignored elsewhere")
     split_k: bool = Field(True, description="CUDA targets, fp16: split the K of GEMMs that launch less than a wave of thread blocks over the target's cuda.sm_count (gpu_schedules.split_k)")
-    cpu_kernels: bool = Field(True, description="llvm targets: float32 convolutions and matmuls on constant weights get hand-scheduled kernels (cpu_kernels.py: packed weights, register-blocked vector FMAs), which tuning leaves alone")
+    cpu_kernels: bool = Field(True, description="llvm targets: float32 convolutions and matmuls get hand-scheduled kernels (cpu_kernels.py: packed weights, register-blocked vector FMAs), which tuning leaves alone; untuned builds also schedule int8 (AVX512-VNNI), softmax/layer-norm and elementwise kernels; false: TVM's default loop nests")
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)?")

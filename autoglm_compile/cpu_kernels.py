@@ -33,6 +33,8 @@ import numpy as np
 from .int8_kernels import _const, bound_value, sink_transposes
 
 DENSE, CONV, DEPTHWISE = "dense_f32_packed", "conv2d_nhwc_f32_packed", "depthwise_nhwc_f32"  # the kernels' main blocks (and PrimFunc name hints)
+INT8_BLOCKS = ("dense_int8", "batch_matmul_int8", "conv2d_nhwc_int8")  # int8_kernels' packed computes (AVX512-VNNI)
+MATMUL_BLOCKS = (DENSE, "dense_int8", "batch_matmul_int8")  # loops (*batch, i, j, k); the others (n, y, x, c, *reduce)
 # float32 lanes of the widest vector unit an llvm target has, by LLVM feature; (rows, blocks) of the register tile
 VECTOR_UNITS = [("avx512f", 16, (8, 2)), ("avx2", 8, (6, 2)), ("neon", 4, (8, 2))]
 K_UNROLL = 4
@@ -258,7 +260,7 @@ def rewrite(mod, target):
             lanes = lanes_for(w.shape[0])
             extra = 0
             if lanes is None:  # output channels padded with zero weights to whole 8- or 4-lane blocks, sliced off after
-                lanes = widest // 2 if w.shape[0] > widest // 2 else max(4, widest // 4)
+                lanes = max(4, widest // 2 if w.shape[0] > widest // 2 else widest // 4)
                 extra = -w.shape[0] % lanes
                 if depthwise:
                     summary.keep("Conv", f"depthwise with {w.shape[0]} channels, not a multiple of 4")
@@ -386,7 +388,7 @@ def schedule_func(func, lanes: int, tile: tuple[int, int], int8: bool = False):
         except tvm.s_tir.ScheduleError:
             break
     loops = sch.get_loops(main)
-    if name in (DENSE, "dense_int8", "batch_matmul_int8"):
+    if name in MATMUL_BLOCKS:
         *outer, i, j, k = loops
         reduce = [k]
         extent = int(sch.get(i).extent)
@@ -449,7 +451,6 @@ def schedule_func(func, lanes: int, tile: tuple[int, int], int8: bool = False):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-INT8_BLOCKS = ("dense_int8", "batch_matmul_int8", "conv2d_nhwc_int8")  # int8_kernels' packed computes
 def _vnni_intrinsic() -> str:
     """TVM's dot_16x4_vnni, re-registered with the operand types this LLVM's vpdpbusd.512 takes
     (tune_worker.fix_vnni_intrinsic)."""
@@ -563,10 +564,9 @@ def schedule_elementwise(func, lanes: int):
 def schedule_passes(target) -> list:
     """The schedules of an untuned llvm build: the hand-scheduled kernels, then DLight's CPU rule for the kernels
     that reduce rows of one tensor (softmax, layer norm: parallel rows, vectorized), and schedule_elementwise for
-    those that do not reduce; the rest (depthwise convs, pooling, convs on the default path) keeps TVM's default
-    loop nests."""
-    import tvm
+    those that do not reduce; the rest (pooling, convs on the default path) keeps TVM's default loop nests."""
     from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
     class RowReductions(dl.cpu.Reduction):
         def apply(self, func, target, tunable):
@@ -574,7 +574,7 @@ def schedule_passes(target) -> list:
 
     unit = vector_unit(target)
 
-    class Elementwise(dl.cpu.Reduction):  # a CPU rule (its target check); apply is its own
+    class Elementwise(CPUScheduleRule):
         def apply(self, func, target, tunable):
             return schedule_elementwise(func, unit[0]) if unit else None
 

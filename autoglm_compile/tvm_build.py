@@ -88,10 +88,11 @@ def strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
 
-@register_strategy("default")
-def _default_strategy(mod, target):
+@register_strategy("default", takes_context=True)
+def _default_strategy(mod, target, ctx: ScheduleContext):
     """The target's default Relax pipeline: fusion + legalization (+ DLight schedules on GPUs, with float16 tensor
-    cores for small GEMMs too: autoglm_compile.gpu_schedules)."""
+    cores for small GEMMs too: autoglm_compile.gpu_schedules; on CPUs with ctx.cpu_kernels, the schedules of
+    autoglm_compile.cpu_kernels)."""
     import tvm
     from tvm import relax
 
@@ -101,7 +102,8 @@ def _default_strategy(mod, target):
 
             from .cpu_kernels import schedule_passes
 
-            passes = p.library_dispatch_passes(target) + p.legalize_passes(target) + schedule_passes(target) + p.dataflow_lower_passes(target) + p.finalize_passes(target)
+            schedules = schedule_passes(target) if ctx.cpu_kernels else []
+            passes = p.library_dispatch_passes(target) + p.legalize_passes(target) + schedules + p.dataflow_lower_passes(target) + p.finalize_passes(target)
             return tvm.transform.Sequential(passes)(mod)
         if target.kind.name != "cuda":
             return relax.get_default_pipeline(target)(mod)
