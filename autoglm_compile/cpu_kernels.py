@@ -33,11 +33,14 @@ import numpy as np
 from .int8_kernels import _const, bound_value, sink_transposes
 
 DENSE, CONV, DEPTHWISE = "dense_f32_packed", "conv2d_nhwc_f32_packed", "depthwise_nhwc_f32"  # the kernels' main blocks (and PrimFunc name hints)
+WINO_IN, WINO_OUT = "winograd_input_f32", "winograd_output_f32"  # a Winograd 3x3 conv's transforms (its products: a DENSE)
 INT8_BLOCKS = ("dense_int8", "batch_matmul_int8", "conv2d_nhwc_int8")  # int8_kernels' packed computes (AVX512-VNNI)
 MATMUL_BLOCKS = (DENSE, "dense_int8", "batch_matmul_int8")  # loops (*batch, i, j, k); the others (n, y, x, c, *reduce)
 # float32 lanes of the widest vector unit an llvm target has, by LLVM feature; (rows, blocks) of the register tile
 VECTOR_UNITS = [("avx512f", 16, (8, 2)), ("avx2", 8, (6, 2)), ("neon", 4, (8, 2))]
 K_UNROLL = 4
+WINOGRAD_MIN_CHANNELS = 16  # input channels (the K of its products) below which a 3x3 conv stays direct: the transforms would cost more than they save
+AUTO_F4_TILES = 32  # schedule.winograd auto: F(4x4, 3x3) from this many output tiles (winograd_tile)
 LANES_KEY = "autoglm_lanes"  # the main block's annotation: the width of its weight blocks (the vector width or a half or quarter of it)
 
 
@@ -51,6 +54,7 @@ class KernelSummary:
     attentions: int = 0  # relax.nn.attention ops written as two matmuls (counted in matmuls) and a softmax
     depthwise: int = 0  # of the convs
     conv_transposes: int = 0  # ConvTranspose with stride = kernel, as a matmul per pixel
+    winograd: dict[int, int] = field(default_factory=dict)  # convs (3x3, stride 1) as Winograd F(m x m, 3 x 3), by m
     padded: int = 0  # convs whose output channels were padded to whole vector blocks (and sliced after)
     narrow: int = 0  # kernels on half or quarter vectors: their output channels are not a multiple of the full width
     kept: dict[str, int] = field(default_factory=dict)
@@ -70,6 +74,9 @@ class KernelSummary:
         text = f"{self.convs} Conv{transposes} and {self.matmuls} MatMul/Gemm with hand-scheduled fp32 kernels ({self.lanes}-lane vectors, weights packed at build time)"
         if self.depthwise:
             text += f"; {self.depthwise} of the convs depthwise"
+        if self.winograd:
+            text += f"; {sum(self.winograd.values())} of the convs (3x3, stride 1) as Winograd " + " and ".join(
+                f"F({m}x{m}, 3x3) x{n}" for m, n in sorted(self.winograd.items(), reverse=True))
         if self.padded:
             text += f"; {self.padded} with their output channels padded to whole vector blocks"
         if self.narrow:
@@ -131,7 +138,78 @@ def _depthwise(x, wd, lanes, strides, dilation):
                       name=DEPTHWISE, attrs={LANES_KEY: lanes})
 
 
-def rewrite(mod, target):
+def winograd_matrices(m: int):
+    """(A [alpha, m], B [alpha, alpha], G [alpha, 3]) of Winograd's F(m x m, 3 x 3), alpha = m + 2, from TVM's
+    Cook-Toom construction: out = A^T [(G g G^T) * (B^T d B)] A for an alpha x alpha input tile d."""
+    from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
+
+    return _cook_toom_convolution(_interpolation_points(m + 1), m, 3)
+
+
+def _coef(matrix: np.ndarray, i, j):
+    """matrix[i, j] at index expressions: a Select chain over its non-zero entries, which folds to a constant (and
+    its product with a zero away) once the loops over i and j are unrolled."""
+    from tvm import tirx
+
+    value = tirx.const(0.0, "float32")
+    for (a, b), v in np.ndenumerate(matrix):
+        if v:
+            value = tirx.Select(tirx.all(i == a, j == b), tirx.const(float(v), "float32"), value)
+    return value
+
+
+def _tiles(oh: int, ow: int, m: int) -> tuple[int, int]:
+    return -(-oh // m), -(-ow // m)
+
+
+def _winograd_input(x, m):
+    """float32 [alpha * alpha, N * tiles, C] = B^T d B of each alpha x alpha tile d of x (NHWC, padded already, to
+    whole tiles too), the tiles m apart."""
+    from tvm import te
+
+    n, h, w, c = (int(d) for d in x.shape)
+    alpha = m + 2
+    th, tw = (h - 2) // m, (w - 2) // m
+    _, b_mat, _ = winograd_matrices(m)
+    r1, r2 = te.reduce_axis((0, alpha), "r1"), te.reduce_axis((0, alpha), "r2")
+    return te.compute((alpha * alpha, n * th * tw, c), lambda e, p, ch: te.sum(
+        _coef(b_mat, r1, e // alpha) * _coef(b_mat, r2, e % alpha) * x[p // (th * tw), p % (th * tw) // tw * m + r1, p % tw * m + r2, ch],
+        axis=[r1, r2]), name=WINO_IN)
+
+
+def _winograd_output(mm, m, shape):
+    """float32 NHWC `shape` = A^T M A of each tile's products M ([alpha * alpha, N * tiles, O], from _dense)."""
+    from tvm import te
+
+    n, oh, ow, o = shape
+    alpha = m + 2
+    th, tw = _tiles(oh, ow, m)
+    a_mat, _, _ = winograd_matrices(m)
+    ra, rb = te.reduce_axis((0, alpha), "ra"), te.reduce_axis((0, alpha), "rb")
+    return te.compute(shape, lambda b, y, z, k: te.sum(
+        _coef(a_mat, ra, y % m) * _coef(a_mat, rb, z % m) * mm[ra * alpha + rb, b * th * tw + y // m * tw + z // m, k], axis=[ra, rb]),
+        name=WINO_OUT)
+
+
+def winograd_weight(w: np.ndarray, m: int, lanes: int) -> np.ndarray:
+    """The 3x3 weight [O, I, 3, 3] as G g G^T for every (o, i), packed for _dense: [alpha * alpha, O/L, I, L]."""
+    _, _, g = winograd_matrices(m)
+    o, i = w.shape[:2]
+    u = np.einsum("ak,oikl,bl->abio", g, w.astype(np.float64), g).reshape(-1, i, o // lanes, lanes)
+    return np.ascontiguousarray(u.transpose(0, 2, 1, 3).astype(np.float32))
+
+
+def winograd_tile(setting: int | str, oh: int, ow: int) -> int:
+    """The Winograd output tile m of a 3x3 stride-1 conv with an oh x ow output, for the setting schedule.winograd (0,
+    2, 4 or "auto"). auto: F(4x4, 3x3) (4x fewer multiplies, 4x the weight) where it makes products of at least
+    AUTO_F4_TILES tiles, else F(2x2, 3x3) (2.25x fewer, 1.8x the weight): with fewer rows, the products read more weight
+    than they compute (ResNet-50's 14x14 and 7x7 convs gain little or nothing from F(4x4, 3x3) here)."""
+    if setting != "auto":
+        return int(setting)
+    return 4 if _tiles(oh, ow, 4)[0] * _tiles(oh, ow, 4)[1] >= AUTO_F4_TILES else 2
+
+
+def rewrite(mod, target, winograd: int | str = 0):
     """(mod with its float32 convs (NCHW; ungrouped or depthwise), stride = kernel ConvTransposes, matmuls on constant
     weights, matmuls of two activations and relax attention ops as the kernels of this module, KernelSummary). Targets
     without a vector unit in VECTOR_UNITS get the module back as it is."""
@@ -267,10 +345,23 @@ def rewrite(mod, target):
                     return call
             top, left, bottom, right = (int(p) for p in a.padding)
             x = relax.op.permute_dims(call.args[0], [0, 2, 3, 1])
-            if top or left or bottom or right:
-                x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0], "constant", 0.0)
             o, i, kh, kw = w.shape
             strides, dilation = [int(v) for v in a.strides], [int(v) for v in a.dilation]
+            if winograd and not depthwise and not extra and (kh, kw) == (3, 3) and strides == dilation == [1, 1] and i >= WINOGRAD_MIN_CHANNELS:
+                n_, _, h, wd = (int(d) for d in call.args[0].ty.shape)
+                oh, ow = h + top + bottom - 2, wd + left + right - 2
+                m = winograd_tile(winograd, oh, ow)
+                th, tw = _tiles(oh, ow, m)  # the pad below and right also completes the last tiles
+                x = relax.op.nn.pad(x, [0, 0, top, th * m + 2 - h - top, left, tw * m + 2 - wd - left, 0, 0], "constant", 0.0)
+                emit = self.builder_.emit
+                v = emit(self.builder_.call_te(_winograd_input, emit(x), m, primfunc_name_hint=WINO_IN))
+                products = emit(self.builder_.call_te(_dense, v, relax.const(winograd_weight(w, m, lanes)), primfunc_name_hint=DENSE))
+                out = self.builder_.call_te(_winograd_output, products, m, (n_, oh, ow, o), primfunc_name_hint=WINO_OUT)
+                summary.convs += 1
+                summary.winograd[m] = summary.winograd.get(m, 0) + 1
+                return relax.op.permute_dims(out, [0, 3, 1, 2])
+            if top or left or bottom or right:
+                x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0], "constant", 0.0)
             if depthwise:  # the weight [KH, KW, C]: channels contiguous, like the NHWC input
                 wd = np.ascontiguousarray(w.reshape(o, kh, kw).transpose(1, 2, 0))
                 out = self.builder_.call_te(_depthwise, self.builder_.emit(x), relax.const(wd), lanes, strides, dilation, primfunc_name_hint=DEPTHWISE)
@@ -360,6 +451,10 @@ def schedule_func(func, lanes: int, tile: tuple[int, int], int8: bool = False):
 
     sch = Schedule(func)
     names = _block_names(func)
+    if WINO_IN in names:
+        return _schedule_winograd_input(sch, lanes)
+    if WINO_OUT in names:
+        return _schedule_winograd_output(sch, lanes)
     name = next((n for n in (DENSE, CONV, DEPTHWISE, *(INT8_BLOCKS if int8 else ())) if n in names), None)
     if name is None:
         return None
@@ -448,6 +543,81 @@ def schedule_func(func, lanes: int, tile: tuple[int, int], int8: bool = False):
     tail = blocks[[sch.get(b).name_hint for b in blocks].index(sch.get(on_tile[-1]).name_hint) + 1:]
     if tail and all(int(v.iter_type) == 0 for b in tail for v in sch.get(b).iter_vars):
         _spread(sch, tail, lanes)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _vector_width(extent: int, lanes: int) -> int:
+    """The widest of a full, half or quarter vector that divides extent (1: none does)."""
+    return next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and extent % w == 0), 1)
+
+
+def _inline_others(sch, name: str) -> None:
+    """Every root block but `name` inlined into its consumers where TVM can (what FuseOps put before the kernel)."""
+    import tvm
+
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint != name:
+            try:
+                sch.compute_inline(block)
+            except tvm.s_tir.ScheduleError:
+                pass
+
+
+def _schedule_winograd_input(sch, lanes: int):
+    """WINO_IN: each (tile, channel vector) of the threads' share reads its alpha x alpha input vectors once and
+    writes the alpha * alpha transformed ones, the transform matrix's loops unrolled (its zeros fold away)."""
+    block = sch.get_sblock(WINO_IN)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if len(blocks) > 1:  # the pad (FuseOps puts it here), as a loop nest of its own: inlined, it would branch
+        _spread(sch, blocks[:-1], lanes)
+    e, p, c, r1, r2 = sch.get_loops(block)
+    vec = _vector_width(int(sch.get(c).extent), lanes)
+    co, ci = sch.split(c, [None, vec])
+    sch.reorder(p, co, e, r1, r2, ci)
+    sch.parallel(sch.fuse(p, co))
+    sch.vectorize(ci)
+    init = sch.decompose_reduction(block, r1)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in (e, r1, r2):
+        sch.unroll(loop)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _schedule_winograd_output(sch, lanes: int):
+    """WINO_OUT (A^T M A, then the fused epilogue): each (tile, channel vector) computes its m x m output vectors
+    in registers from the alpha * alpha products, the matrix's loops unrolled, and the epilogue on them."""
+    import tvm
+
+    _inline_others(sch, WINO_OUT)
+    block = sch.get_sblock(WINO_OUT)
+    out = sch.cache_write(block, 0, "local")
+    shape = [int(d) for d in sch.get(out).writes[0].source.shape]
+    while len(consumers := sch.get_consumers(out)) == 1 and [int(d) for d in sch.get(consumers[0]).writes[0].source.shape] == shape:
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except tvm.s_tir.ScheduleError:
+            break
+    b, y, z, k, ra, rb = sch.get_loops(block)
+    m = int(sch.get(ra).extent) - 2
+    vec = _vector_width(int(sch.get(k).extent), lanes)
+    ty, iy = sch.split(y, [None, m])
+    tz, iz = sch.split(z, [None, m])
+    ko, ki = sch.split(k, [None, vec])
+    sch.reorder(b, ty, tz, ko, iy, iz, ra, rb, ki)
+    sch.reverse_compute_at(out, ko)
+    sch.parallel(sch.fuse(b, ty, tz, ko))
+    sch.vectorize(ki)
+    init = sch.decompose_reduction(block, iy)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in (iy, iz, ra, rb):
+        sch.unroll(loop)
+    tail = sch.get_loops(out)
+    if int(sch.get(tail[-1]).extent) % vec == 0:
+        sch.vectorize(tail[-1])
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    rest = blocks[[sch.get(x).name_hint for x in blocks].index(sch.get(out).name_hint) + 1:]
+    if rest and all(int(v.iter_type) == 0 for x in rest for v in sch.get(x).iter_vars):
+        _spread(sch, rest, lanes)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 

@@ -241,7 +241,8 @@ def stage_schedule(job: Job) -> None:
 
         return schedule_segments(job)
     ctx = ScheduleContext(desc=job.target, tune=job.config.tune, progress=job.progress, fp16=job.config.relax_fp16, cuda_graph=bool(job.config.schedule.cuda_graph),
-                          split_k=job.config.schedule.split_k, cpu_kernels=job.config.schedule.cpu_kernels)
+                          split_k=job.config.schedule.split_k, cpu_kernels=job.config.schedule.cpu_kernels,
+                          winograd=job.config.schedule.winograd)
     ctx.prepack_weights = bool(job.int8 and job.int8.packed)  # int8 kernels read their weights packed (int8_kernels.py)
     try:
         job.lowered, job.tvm_target = lower(job.relax_mod, job.target, job.config.schedule.strategy, ctx)
@@ -327,7 +328,9 @@ def stage_measure(job: Job) -> None:
 
     r = job.report
     r.memory = MemoryReport(
-        weight_bytes=sum(onnx.numpy_helper.to_array(t).nbytes for t in job.model.graph.initializer),
+        # the weights as built (packed, Winograd-transformed) where TVM runs the whole model, else the ONNX model's
+        weight_bytes=(job.build.figures.constant_bytes if job.build.figures is not None and job.partition is None else 0)
+        or sum(onnx.numpy_helper.to_array(t).nbytes for t in job.model.graph.initializer),
         planned_activation_bytes=job.build.planned_bytes,
         planned_storages=job.build.storages,
         artifact_bytes=dir_size(job.staging.path),

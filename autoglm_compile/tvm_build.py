@@ -71,6 +71,7 @@ class ScheduleContext:
     cuda_graph: bool = False  # CUDA targets: Relax's RewriteCUDAGraph captures the static kernel sequences
     split_k: bool = False  # CUDA targets, with fp16: gpu_schedules.split_k over the descriptor's cuda.sm_count
     cpu_kernels: bool = False  # llvm targets: hand-scheduled float32 conv/matmul kernels (cpu_kernels.py)
+    winograd: int | str = 0  # with cpu_kernels: the Winograd output tile of 3x3 stride-1 convs, or auto (cpu_kernels.winograd_tile); 0: direct
     notes: list[str] = field(default_factory=list)  # what the schedule stage did beyond the strategy, for the report
 
 
@@ -175,7 +176,7 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
     if context.cpu_kernels and target.kind.name == "llvm":
         from .cpu_kernels import rewrite
 
-        mod, kernels = rewrite(mod, target)
+        mod, kernels = rewrite(mod, target, winograd=context.winograd)
         if kernels.kernels:
             context.notes.append(kernels.describe())
             # erf, exp and tanh as topi's vectorizable approximations: LLVM calls libm per element (a GELU's erf took

@@ -99,11 +99,50 @@ def attention_block(seq: int = 32, hidden: int = 64, heads: int = 2) -> onnx.Mod
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, heads, seq, d])], inits)
 
 
-def build(tmp_path, model: onnx.ModelProto, target: str = "host", preset: str = "O2"):
+def winograd_block() -> onnx.ModelProto:
+    """3x3 stride-1 convs on a 9x12 input (tiles of 2 and 4 do not divide it): one with bias and ReLU, one with a
+    residual add, one without padding (7x10 out)."""
+    rng = np.random.default_rng(7)
+    inits = [const(rng, "wa", 32, 16, 3, 3), const(rng, "ba", 32), const(rng, "wb", 32, 32, 3, 3), const(rng, "wc", 16, 32, 3, 3), const(rng, "bc", 16)]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Conv", ["ra", "wb"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["b", "ra"], ["s"]),
+        helper.make_node("Relu", ["s"], ["rs"]),
+        helper.make_node("Conv", ["rs", "wc", "bc"], ["y"]),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 9, 12])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 7, 10])], inits)
+
+
+WINOGRAD_PAIRS = 32 * 16 + 32 * 32 + 16 * 32  # winograd_block's (output, input) channel pairs: a 3x3 weight each
+
+
+def build(tmp_path, model: onnx.ModelProto, target: str = "host", preset: str = "O2", schedule: str | None = None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
     out = tmp_path / "out"
-    return path, out, compile_model(CompileOptions(source=str(path), target=target, output=out, runs=2, preset=preset))
+    config = None
+    if schedule is not None:
+        config = tmp_path / "config.yaml"
+        config.write_text(f"extends: {preset}\nschedule: {schedule}\n")
+    return path, out, compile_model(CompileOptions(source=str(path), target=target, output=out, runs=2, preset=preset, config_path=config))
+
+
+def check_on_new_inputs(path, out, make, rtol=1e-4, atol=1e-4) -> None:
+    import autoglm_compile
+
+    model = autoglm_compile.load(out)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(123)
+    for _ in range(3):
+        feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in make().graph.input}
+        if "mask" in feeds:
+            feeds["mask"] = (np.arange(feeds["mask"].size) < feeds["mask"].size * 3 // 4).astype(np.float32).reshape(feeds["mask"].shape)
+        (got,), (want,) = model(feeds), sess.run(None, feeds)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("make, preset, convs, matmuls, attentions", [
@@ -125,39 +164,58 @@ def test_builds_with_the_kernels_match_onnxruntime_on_other_inputs(tmp_path, mak
     assert (f"{attentions} Attention as two" in note) == bool(attentions)
     assert ("1 of the convs depthwise" in note) == (make is mobile_block)
     assert ("1 with their output channels padded" in note) == (make is mobile_block)
-    model = autoglm_compile.load(out)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(123)
-    for _ in range(3):
-        feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in make().graph.input}
-        if "mask" in feeds:
-            feeds["mask"] = (np.arange(feeds["mask"].size) < feeds["mask"].size * 3 // 4).astype(np.float32).reshape(feeds["mask"].shape)
-        (got,), (want,) = model(feeds), sess.run(None, feeds)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert "Winograd" not in note  # mobile_block's 3x3 stride-1 conv has 8 input channels: fewer than WINOGRAD_MIN_CHANNELS
+    check_on_new_inputs(path, out, make)
 
 
-def test_the_scheduled_kernels_compute_what_their_loop_nests_compute():
-    """Every fused kernel of the attention block: scheduled (the register tile, the GELU and the mask computed on
-    it) against the same PrimFunc unscheduled, on the same random buffers."""
+@pytest.mark.parametrize("setting, tiles", [("2", "F(2x2, 3x3) x3"), ("4", "F(4x4, 3x3) x3"), ("auto", "F(2x2, 3x3) x3")])
+def test_winograd_convs_match_onnxruntime_on_other_inputs(tmp_path, setting, tiles):
+    """3x3 stride-1 convs as Winograd F(m x m, 3 x 3), with outputs that the tiles do not divide, padding on all sides
+    or none, and a bias, a residual add and ReLUs fused after the output transform; the report counts the weights
+    as built (the transformed weights: (m + 2)^2 / 9 times the conv's)."""
+    lanes()
+    path, out, report = build(tmp_path, winograd_block(), schedule=f"{{winograd: {setting}}}")
+    assert report.result == "ok" and report.accuracy.ok
+    note = next(n for n in report.schedule if "hand-scheduled fp32 kernels" in n)
+    assert f"3 of the convs (3x3, stride 1) as Winograd {tiles}" in note
+    check_on_new_inputs(path, out, winograd_block, atol=1e-4)
+    _, _, direct = build(tmp_path / "direct", winograd_block(), schedule="{winograd: 0}")
+    assert "Winograd" not in next(n for n in direct.schedule if "hand-scheduled fp32 kernels" in n)
+    alpha = (2 if setting != "4" else 4) + 2
+    assert report.memory.weight_bytes - direct.memory.weight_bytes == (alpha * alpha - 9) * WINOGRAD_PAIRS * 4
+
+
+@pytest.mark.parametrize("setting, oh, ow, want", [(2, 56, 56, 2), (4, 7, 7, 4), (0, 56, 56, 0), ("auto", 56, 56, 4), ("auto", 28, 28, 4),
+                                                   ("auto", 14, 14, 2), ("auto", 7, 7, 2), ("auto", 20, 28, 4), ("auto", 9, 12, 2)])
+def test_winograd_tile_auto_takes_4x4_tiles_on_large_outputs(setting, oh, ow, want):
+    assert cpu_kernels.winograd_tile(setting, oh, ow) == want
+
+
+def test_winograd_setting_is_checked(tmp_path):
+    from autoglm_compile.config import load_config
+    from autoglm_compile.errors import InputError
+
+    config = tmp_path / "config.yaml"
+    config.write_text("extends: O2\nschedule: {winograd: 3}\n")
+    with pytest.raises(InputError, match="schedule.winograd"):
+        load_config(path=config)
+
+
+def scheduled_against_plain(mod, target, names: set[str]) -> list[str]:
+    """Every PrimFunc of the legalized mod with a block in names: scheduled (cpu_kernels.schedule_func) against the
+    same PrimFunc unscheduled, on the same random buffers; the names of those checked."""
     from tvm.relax.backend.cpu_generic import pipeline as p
 
-    from autoglm_compile.inputs import InputSpec
-    from autoglm_compile.tvm_build import import_relax
-
-    width = lanes()
-    target = host_target()
-    mod = import_relax(attention_block(), [InputSpec("x", (1, 32, 64), "float32"), InputSpec("mask", (1, 1, 1, 32), "float32")])
-    mod, summary = cpu_kernels.rewrite(mod, target)
-    assert summary.matmuls == 6
     with target:
         mod = tvm.transform.Sequential(p.library_dispatch_passes(target) + p.legalize_passes(target))(mod)
     rng = np.random.default_rng(0)
-    checked = 0
+    checked = []
     for gvar, func in mod.functions_items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or not cpu_kernels._block_names(func) & {cpu_kernels.DENSE, cpu_kernels.CONV, cpu_kernels.DEPTHWISE}:
+        if not isinstance(func, tvm.tirx.PrimFunc) or not cpu_kernels._block_names(func) & names:
             continue
         plain = func.with_attr("global_symbol", "main")
-        scheduled = cpu_kernels.schedule_func(plain, width, cpu_kernels.vector_unit(target)[1])
+        unit = cpu_kernels.vector_unit(target)
+        scheduled = cpu_kernels.schedule_func(plain, unit[0], unit[1])
         assert scheduled.attrs["tirx.is_scheduled"]
         args = [rng.standard_normal([int(d) for d in b.shape]).astype(b.dtype) for b in plain.params]
         results = []
@@ -167,8 +225,43 @@ def test_the_scheduled_kernels_compute_what_their_loop_nests_compute():
             results.append([t.numpy() for t in tensors])
         for got, want in zip(*results):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=gvar.name_hint)
-        checked += 1
-    assert checked == 4  # the projection with its GELU; q, k and v (one PrimFunc); the scores with the mask; the context
+        checked.append(gvar.name_hint)
+    return checked
+
+
+def test_the_scheduled_kernels_compute_what_their_loop_nests_compute():
+    """Every fused kernel of the attention block: scheduled (the register tile, the GELU and the mask computed on
+    it) against the same PrimFunc unscheduled."""
+    from autoglm_compile.inputs import InputSpec
+    from autoglm_compile.tvm_build import import_relax
+
+    lanes()
+    target = host_target()
+    mod = import_relax(attention_block(), [InputSpec("x", (1, 32, 64), "float32"), InputSpec("mask", (1, 1, 1, 32), "float32")])
+    mod, summary = cpu_kernels.rewrite(mod, target)
+    assert summary.matmuls == 6
+    checked = scheduled_against_plain(mod, target, {cpu_kernels.DENSE, cpu_kernels.CONV, cpu_kernels.DEPTHWISE})
+    assert len(checked) == 4  # the projection with its GELU; q, k and v (one PrimFunc); the scores with the mask; the context
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_the_scheduled_winograd_transforms_compute_what_their_loop_nests_compute(m):
+    """The input transforms (with the pad before them) and the output transforms (with the bias, residual add and
+    ReLU fused after them) of winograd_block, scheduled, against their loop nests."""
+    from autoglm_compile.inputs import InputSpec
+    from autoglm_compile.tvm_build import import_relax
+
+    lanes()
+    target = host_target()
+    mod, summary = cpu_kernels.rewrite(import_relax(winograd_block(), [InputSpec("x", (1, 16, 9, 12), "float32")]), target, winograd=m)
+    assert summary.winograd == {m: 3}
+    from tvm import relax
+
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+                                    relax.transform.FuseTIR()])(mod)
+    checked = scheduled_against_plain(mod, target, {cpu_kernels.WINO_IN, cpu_kernels.WINO_OUT})
+    assert len(checked) == 6, checked
+    assert sum("add" in n and "relu" in n for n in checked) >= 1, checked  # an epilogue fused after an output transform
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
