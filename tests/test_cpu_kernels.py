@@ -415,3 +415,63 @@ def test_untuned_int8_kernels_use_vpdpbusd_and_match_onnxruntime(tmp_path):
     for sample in np.random.default_rng(3).standard_normal((3, 1, 3, 8, 8)).astype(np.float32) + 0.7:
         ours, want = vm["main"](tvm.runtime.tensor(sample)).numpy(), run_ort(model, {"x": sample})[0]
         np.testing.assert_allclose(ours, want, rtol=0, atol=step * 1.001)
+
+
+def vectorized_blocks(func) -> set[str]:
+    """The names of the blocks under a vectorized loop of func."""
+    from tvm.s_tir.stmt import SBlock
+
+    from autoglm_compile.memory_fit import walk_stmts
+
+    found: set[str] = set()
+
+    def visit(stmt):
+        if isinstance(stmt, tvm.tirx.For) and stmt.kind == tvm.tirx.ForKind.VECTORIZED and int(stmt.extent) > 1:
+            walk_stmts(stmt.body, lambda s: found.add(s.name_hint) if isinstance(s, SBlock) else None)
+
+    walk_stmts(func.body, visit)
+    return found
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "softmax"])
+def test_row_reductions_sum_vector_partials_and_compute_what_their_loop_nests_compute(op):
+    """A residual add and layer norm, or a softmax: each reduction over a row summed in vector partial sums (an rfactor
+    block), the rows spread over the cores, the result equal to the loop nest's."""
+    from tvm import te, topi
+
+    width = lanes()
+    target = host_target()
+    if op == "layer_norm":  # as Relax legalizes it (int64 loops, a unit batch loop)
+        from tvm import relax
+
+        bb = relax.BlockBuilder()
+        x, g, b = (relax.Var(n, relax.TensorType(shape, "float32")) for n, shape in (("x", (1, 8, 96)), ("g", (96,)), ("b", (96,))))
+        with bb.function("main", [x, g, b]):
+            bb.emit_func_output(bb.emit(relax.op.nn.layer_norm(x, g, b, axes=[-1], epsilon=1e-5)))
+        plain = next(f for _, f in relax.transform.LegalizeOps()(bb.get()).functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+        plain = plain.with_attr("global_symbol", "main")
+    else:
+        s = te.placeholder((1, 2, 8, 64), "float32", name="s")
+        plain = te.create_prim_func([s, topi.nn.fast_softmax(s, axis=-1)]).with_attr("global_symbol", "main")
+    assert cpu_kernels._row_reductions_only(plain)  # the variance reads the row's mean too: still one tensor reduced
+    sch = cpu_kernels.schedule_row_reductions(plain, width)
+    assert sch is not None
+    names = cpu_kernels._block_names(sch.mod["main"])
+    assert sum(n.endswith("_rf_update") for n in names) == 2, names  # mean and variance; max and sum of exponentials
+    assert vectorized_blocks(sch.mod["main"]) >= names & {n for n in names if n.endswith("_rf_update")}  # the partial sums
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal([int(d) for d in t.shape]).astype("float32") for t in plain.params]
+    results = []
+    for fn in (plain, sch.mod["main"]):
+        tensors_ = [tvm.runtime.tensor(a.copy()) for a in args]
+        tvm.compile(tvm.IRModule({"main": fn}), target=target)(*tensors_)
+        results.append(tensors_[-1].numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_matmul_left_on_the_default_path_is_not_a_row_reduction():
+    from tvm import te
+
+    a, w = te.placeholder((8, 16), name="a"), te.placeholder((16, 4), name="w")
+    k = te.reduce_axis((0, 16), "k")
+    assert not cpu_kernels._row_reductions_only(te.create_prim_func([a, w, te.compute((8, 4), lambda i, j: te.sum(a[i, k] * w[k, j], axis=k))]))
