@@ -17,8 +17,11 @@ a TVM schedule:
 
 Output channels that 16 lanes do not divide take 8- or 4-lane blocks, or are padded with zero weights to whole blocks
 and sliced after the kernel. A depthwise conv reads its NHWC input as vectors along the channels (no packing); a
-transposed conv with stride = kernel is a matmul of each pixel with the weight and a depth-to-space. Kernels without
-a reduction (transposes, pads, elementwise chains) get `schedule_elementwise`, softmax and layer norm DLight's CPU
+transposed conv with stride = kernel is a matmul of each pixel with the weight and a depth-to-space. A 3x3 stride-1
+conv is a Winograd convolution (`schedule.winograd`, `winograd_tile`): an input transform, its products as a batched
+matmul on the packed (transformed) weight, and an output transform with the fused ops, both transforms unrolled so
+that their matrices fold to constants. Kernels without a reduction (transposes, pads, elementwise chains) get
+`schedule_elementwise`; softmax and layer norm `schedule_row_reductions` (vector partial sums), else DLight's CPU
 rule (`schedule_passes`).
 
 `rewrite` puts the convolutions into NHWC (with `int8_kernels.sink_transposes`, so that a chain of convs stays NHWC)
@@ -795,9 +798,10 @@ def schedule_row_reductions(func, lanes: int):
 
 
 def schedule_passes(target) -> list:
-    """The schedules of an untuned llvm build: the hand-scheduled kernels, then DLight's CPU rule for the kernels
-    that reduce rows of one tensor (softmax, layer norm: parallel rows, vectorized), and schedule_elementwise for
-    those that do not reduce; the rest (pooling, convs on the default path) keeps TVM's default loop nests."""
+    """The schedules of an untuned llvm build: the hand-scheduled kernels, then for the kernels that reduce rows of one
+    tensor (softmax, layer norm) schedule_row_reductions, or DLight's CPU rule where it does not apply (parallel rows,
+    scalar sums), and schedule_elementwise for those that do not reduce; the rest (pooling, convs on the default path)
+    keeps TVM's default loop nests."""
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
