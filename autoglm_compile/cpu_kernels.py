@@ -478,13 +478,7 @@ def schedule_func(func, lanes: int, tile: tuple[int, int], int8: bool = False):
             sch.compute_inline(block)
         except tvm.s_tir.ScheduleError:
             pass
-    shape = [int(d) for d in sch.get(out).writes[0].source.shape]
-    # (only a consumer that writes a tensor of the tile's shape: TVM inlines a slice too, and writes out of bounds)
-    while len(consumers := sch.get_consumers(out)) == 1 and [int(d) for d in sch.get(consumers[0]).writes[0].source.shape] == shape:
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except tvm.s_tir.ScheduleError:
-            break
+    shape = _inline_epilogue(sch, out)
     loops = sch.get_loops(main)
     if name in MATMUL_BLOCKS:
         *outer, i, j, k = loops
@@ -549,6 +543,20 @@ def schedule_func(func, lanes: int, tile: tuple[int, int], int8: bool = False):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+def _inline_epilogue(sch, out) -> list[int]:
+    """The elementwise consumers of the write-back block `out` inlined into it, one after another; the shape it
+    writes. Only a consumer that writes a tensor of that shape: TVM inlines a slice too, and writes out of bounds."""
+    import tvm
+
+    shape = [int(d) for d in sch.get(out).writes[0].source.shape]
+    while len(consumers := sch.get_consumers(out)) == 1 and [int(d) for d in sch.get(consumers[0]).writes[0].source.shape] == shape:
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except tvm.s_tir.ScheduleError:
+            break
+    return shape
+
+
 def _vector_width(extent: int, lanes: int) -> int:
     """The widest of a full, half or quarter vector that divides extent (1: none does)."""
     return next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and extent % w == 0), 1)
@@ -589,17 +597,10 @@ def _schedule_winograd_input(sch, lanes: int):
 def _schedule_winograd_output(sch, lanes: int):
     """WINO_OUT (A^T M A, then the fused epilogue): each (tile, channel vector) computes its m x m output vectors
     in registers from the alpha * alpha products, the matrix's loops unrolled, and the epilogue on them."""
-    import tvm
-
     _inline_others(sch, WINO_OUT)
     block = sch.get_sblock(WINO_OUT)
     out = sch.cache_write(block, 0, "local")
-    shape = [int(d) for d in sch.get(out).writes[0].source.shape]
-    while len(consumers := sch.get_consumers(out)) == 1 and [int(d) for d in sch.get(consumers[0]).writes[0].source.shape] == shape:
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except tvm.s_tir.ScheduleError:
-            break
+    _inline_epilogue(sch, out)
     b, y, z, k, ra, rb = sch.get_loops(block)
     m = int(sch.get(ra).extent) - 2
     vec = _vector_width(int(sch.get(k).extent), lanes)
