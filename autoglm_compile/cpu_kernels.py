@@ -798,6 +798,61 @@ def schedule_row_reductions(func, lanes: int):
     return sch
 
 
+def schedule_pool(func, lanes: int):
+    """A PrimFunc with one reduction over windows of a channels-last tensor (an NHWC max or average pool, its pad
+    before it and the elementwise ops after it): the pad inlined, the outputs' channels vectorized (bytes 4 to a
+    float32 lane) with the window's loops outside them, the other loops fused and spread over the cores, the ops
+    after it computed on each vector; None otherwise. DLight's CPU rule fuses every spatial loop, channels too, and
+    reduces one scalar at a time (ResNet-50 int8's uint8 max pool: 1.2 ms)."""
+    import tvm
+    from tvm.s_tir import Schedule
+    from tvm.tirx.analysis import undefined_vars
+
+    sch = Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    reducing = [b for b in blocks if any(int(v.iter_type) == 2 for v in sch.get(b).iter_vars)]
+    if len(reducing) != 1:
+        return None
+    red = reducing[0]
+    stmt = sch.get(red)
+    reduce_vars = {v.var.name for v in stmt.iter_vars if int(v.iter_type) == 2}
+    n_spatial = sum(int(v.iter_type) == 0 for v in stmt.iter_vars)
+    if [int(v.iter_type) for v in stmt.iter_vars] != [0] * n_spatial + [2] * len(reduce_vars) or len(stmt.reads) == 0:
+        return None
+    if any(v.name in reduce_vars for r in stmt.reads for v in undefined_vars(r.region[-1].min, [])):
+        return None  # the window runs along the last axis: not channels-last
+    names = [sch.get(b).name_hint for b in blocks]
+    for block in blocks[:names.index(stmt.name_hint)]:  # the pad
+        try:
+            sch.compute_inline(block)
+        except tvm.s_tir.ScheduleError:
+            pass
+    red = sch.get_sblock(stmt.name_hint)
+    loops = sch.get_loops(red)
+    if len(loops) != len(stmt.iter_vars):
+        return None
+    spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+    bits = int(stmt.writes[0].source.dtype.bits)
+    vec = _vector_width(int(sch.get(spatial[-1]).extent), lanes * 32 // bits)
+    co, ci = sch.split(spatial[-1], [None, vec])
+    sch.reorder(*spatial[:-1], co, *reduce, ci)
+    outer = sch.fuse(*spatial[:-1], co)
+    sch.parallel(outer)
+    sch.vectorize(ci)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    for block in blocks[[sch.get(b).name_hint for b in blocks].index(stmt.name_hint) + 1:]:  # the ops after it
+        try:
+            sch.reverse_compute_at(block, outer)
+        except tvm.s_tir.ScheduleError:
+            return None
+        last = sch.get_loops(block)[-1]
+        if int(sch.get(last).extent) == vec and vec > 1:
+            sch.vectorize(last)
+    init = sch.decompose_reduction(red, reduce[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch
+
+
 def schedule_passes(target) -> list:
     """The schedules of an untuned llvm build: the hand-scheduled kernels, then for the kernels that reduce rows of one
     tensor (softmax, layer norm) schedule_row_reductions, or DLight's CPU rule where it does not apply (parallel rows,
@@ -812,7 +867,8 @@ def schedule_passes(target) -> list:
         def apply(self, func, target, tunable):
             if not _row_reductions_only(func):
                 return None
-            return (schedule_row_reductions(func, unit[0]) if unit else None) or super().apply(func, target, tunable)
+            mine = (schedule_row_reductions(func, unit[0]) or schedule_pool(func, unit[0])) if unit else None
+            return mine or super().apply(func, target, tunable)
 
     class Elementwise(CPUScheduleRule):
         def apply(self, func, target, tunable):

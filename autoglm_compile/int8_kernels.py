@@ -94,6 +94,7 @@ class Int8Summary:
     convs: int = 0
     matmuls: int = 0
     packed: int = 0  # of those, with the weight packed in blocks that the dot-product instruction reads
+    pools: int = 0  # max_pool2d on dequantized activations, moved before the dequantize (on the quantized values)
     activation_matmuls: int = 0  # of the matmuls, those of two activations (attention)
     kept_float: dict[str, int] = field(default_factory=dict)  # "Conv: reason" -> count
 
@@ -179,6 +180,7 @@ def rewrite(mod, target):
     packed = instruction is not None and instruction.startswith("vpdpbusd")
     op = tvm.ir.Op.get
     CONV, MATMUL, DQ, PERMUTE = op("relax.nn.conv2d"), op("relax.matmul"), op("relax.dequantize"), op("relax.permute_dims")
+    MAX_POOL = op("relax.nn.max_pool2d")
     OTHER_CONVS = (op("relax.nn.conv1d"), op("relax.nn.conv3d"))
 
     @mutator
@@ -251,7 +253,25 @@ def rewrite(mod, target):
                 return self._matmul(call)
             if any(call.op.same_as(o) for o in OTHER_CONVS):
                 summary.keep("Conv", "not 2-D (only conv2d is rewritten)")
+            if call.op.same_as(MAX_POOL):
+                return self._max_pool(call)
             return call
+
+        def _max_pool(self, call):
+            """max_pool2d(dequantize(q)) as dequantize(max_pool2d(q)): a positive per-tensor scale keeps the order,
+            so the max of the quantized values is exact (the pad: q's lowest value, below every real one), and
+            ResNet-50's stem writes and pools uint8 instead of float32."""
+            found = self._activation(call.args[0])
+            if isinstance(found, str):
+                return call
+            xq, sx, zx = found
+            if sx <= 0:
+                return call
+            a = call.attrs
+            pooled = relax.op.nn.max_pool2d(xq, a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode, a.count_include_pad, a.layout, a.out_layout)
+            dq = bound_value(self, call.args[0])
+            summary.pools += 1
+            return relax.op.dequantize(pooled, dq.args[1], dq.args[2], int(dq.attrs.axis), "float32")
 
         def _conv(self, call):
             a = call.attrs
@@ -538,6 +558,8 @@ def describe(summary: Int8Summary, dot: tuple[int, int] | None = None) -> str:
         if used < total:
             text += (" (the others do not fit its tiles)" if summary.instruction == CUDA_INT8
                      else " (the others have no tuned schedule with it: build with --tune)")
+    if summary.pools:
+        text += f"; {summary.pools} MaxPool on the quantized values"
     return text + (f"; kept in float: {floats}" if floats else "")
 
 

@@ -377,6 +377,16 @@ def test_cross_built_for_arm_with_neon_kernels(tmp_path):
     assert any(cpu_kernels.CONV in s for s in symbols) and any(cpu_kernels.DENSE in s for s in symbols)
 
 
+def test_winograd_convs_cross_built_for_arm(tmp_path):
+    """The Winograd transforms on NEON's 4 lanes: cross-compiled for a Cortex-A76, in its library."""
+    from autoglm_compile.libfile import read_elf
+
+    _, out, report = build(tmp_path, winograd_block(), target="arm-cortex-a76", schedule="{winograd: 4}")
+    assert any("(4-lane vectors" in n and "3 of the convs (3x3, stride 1) as Winograd F(4x4, 3x3) x3" in n for n in report.schedule)
+    symbols = read_elf(out / "model.so").dynamic_symbols()
+    assert any(cpu_kernels.WINO_IN in s for s in symbols) and any(cpu_kernels.WINO_OUT in s for s in symbols)
+
+
 @pytest.mark.parametrize("extent, n_blocks, preferred, want", [
     (112, 4, (8, 2), (8, 2)),   # ResNet-50's stem: the preferred tile divides
     (7, 32, (8, 2), (7, 2)),    # its 7x7 stage: 7 columns, still 14 accumulators
@@ -475,3 +485,27 @@ def test_a_matmul_left_on_the_default_path_is_not_a_row_reduction():
     a, w = te.placeholder((8, 16), name="a"), te.placeholder((16, 4), name="w")
     k = te.reduce_axis((0, 16), "k")
     assert not cpu_kernels._row_reductions_only(te.create_prim_func([a, w, te.compute((8, 4), lambda i, j: te.sum(a[i, k] * w[k, j], axis=k))]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_channels_last_pool_is_vectorized_and_computes_what_its_loop_nest_computes(dtype):
+    """An NHWC 3x3 stride-2 max pool with its pad and an op after it (ResNet-50's, and its int8 build's on uint8):
+    the channels vectorized under the window's loops, the result equal to the loop nest's."""
+    from tvm import te, topi
+
+    width = lanes()
+    x = te.placeholder((1, 9, 9, 64), dtype, name="x")
+    pooled = topi.nn.pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), "max", layout="NHWC")
+    after = te.compute(pooled.shape, lambda *i: pooled(*i) + tvm.tirx.const(1, dtype), name="after")
+    plain = te.create_prim_func([x, after]).with_attr("global_symbol", "main")
+    assert cpu_kernels._row_reductions_only(plain) and cpu_kernels.schedule_row_reductions(plain, width) is None
+    sch = cpu_kernels.schedule_pool(plain, width)
+    assert sch is not None
+    assert {"pool_max_update", "after"} <= vectorized_blocks(sch.mod["main"])
+    data = np.random.default_rng(0).integers(0, 200, (1, 9, 9, 64)).astype(dtype)
+    results = []
+    for fn in (plain, sch.mod["main"]):
+        tensors = [tvm.runtime.tensor(data), tvm.runtime.tensor(np.zeros((1, 5, 5, 64), dtype))]
+        tvm.compile(tvm.IRModule({"main": fn}), target=host_target())(*tensors)
+        results.append(tensors[1].numpy())
+    np.testing.assert_array_equal(results[1], results[0])

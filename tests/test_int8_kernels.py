@@ -16,11 +16,12 @@ VNNI = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"}
 NO_DOT = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}  # AVX2, no VNNI
 
 
-def qdq_net(tmp_path) -> onnx.ModelProto:
+def qdq_net(tmp_path, pool: bool = False) -> onnx.ModelProto:
     """Conv(3->16, stride 2, pad 1, bias) -> Relu -> Conv(16->32, pad 1, bias) -> Flatten -> MatMul(->16), quantized by
     ONNX Runtime (QDQ, uint8 activations, int8 per-channel weights) on data with a non-zero mean (so the activation
     zero points are not 0). The first conv has 3 input channels (padded to 4 with zero weights), the second and the
-    MatMul VNNI-sized ones (16 output lanes x 4): all three weights are packed."""
+    MatMul VNNI-sized ones (16 output lanes x 4): all three weights are packed. pool: a 3x3 MaxPool (stride 1, pad 1)
+    after the Relu."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     rng = np.random.default_rng(0)
@@ -28,7 +29,8 @@ def qdq_net(tmp_path) -> onnx.ModelProto:
     w2, b2 = rng.standard_normal((32, 16, 3, 3)).astype(np.float32) * 0.1, rng.standard_normal(32).astype(np.float32)
     fc = rng.standard_normal((32 * 4 * 4, 16)).astype(np.float32) * 0.05
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Relu", ["c1"], ["r1" if not pool else "r0"]),
+             *([helper.make_node("MaxPool", ["r0"], ["r1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])] if pool else []),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
              helper.make_node("Flatten", ["c2"], ["f"]),
              helper.make_node("MatMul", ["f", "fc"], ["y"])]
@@ -91,6 +93,24 @@ def test_rewrite_matches_onnxruntime_int8(tmp_path):
         # ONNX Runtime's int8 kernels requantize with float multipliers too: at most one output step apart
         np.testing.assert_allclose(ours, ort, rtol=0, atol=out_scale * 1.001)
         assert np.mean(np.abs(ours - ort) < out_scale * 1e-3) > 0.9  # and almost everywhere equal
+
+
+def test_max_pool_runs_on_the_quantized_values(tmp_path):
+    """DQ -> MaxPool becomes MaxPool on the uint8 values -> DQ: exact (a positive scale keeps the order), and the pool
+    reads and writes bytes."""
+    import tvm
+
+    model = qdq_net(tmp_path, pool=True)
+    mod, summary = rewrite(_import(model), tvm.target.Target(VNNI))
+    assert summary.pools == 1 and (summary.convs, summary.matmuls) == (2, 1)
+    assert "1 MaxPool on the quantized values" in describe(summary)
+    pools = [line for line in mod["main"].script().splitlines() if "R.nn.max_pool2d(" in line]
+    assert len(pools) == 1 and '"uint8"' in pools[0], pools
+    out_scale = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "y_scale")))
+    for sample in np.random.default_rng(4).standard_normal((3, 1, 3, 8, 8)).astype(np.float32) + 0.7:
+        ours, ort = _run(mod, sample), run_ort(model, {"x": sample})[0]
+        np.testing.assert_allclose(ours, ort, rtol=0, atol=out_scale * 1.001)
+        assert np.mean(np.abs(ours - ort) < out_scale * 1e-3) > 0.9
 
 
 def test_target_without_int8_dot_product_stays_float(tmp_path):
