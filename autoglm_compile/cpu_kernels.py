@@ -58,7 +58,7 @@ class KernelSummary:
     depthwise: int = 0  # of the convs
     conv_transposes: int = 0  # ConvTranspose with stride = kernel, as a matmul per pixel
     winograd: dict[int, int] = field(default_factory=dict)  # convs (3x3, stride 1) as Winograd F(m x m, 3 x 3), by m
-    padded: int = 0  # convs whose output channels were padded to whole vector blocks (and sliced after)
+    padded: int = 0  # convs and matmuls whose output channels (columns) were padded to whole vector blocks (and sliced after)
     narrow: int = 0  # kernels on half or quarter vectors: their output channels are not a multiple of the full width
     kept: dict[str, int] = field(default_factory=dict)
 
@@ -389,17 +389,21 @@ def rewrite(mod, target, winograd: int | str = 0):
                 summary.keep("MatMul", f"its weight has {w.ndim} dims")
                 return call
             k, n = w.shape
-            lanes = lanes_for(n)
-            if lanes is None:
-                summary.keep("MatMul", f"{n} output columns, not a multiple of 4")
-                return call
             if call.args[0].ty.ndim < 1 or any(not isinstance(d, tvm.tirx.IntImm) for d in call.args[0].ty.shape):
                 summary.keep("MatMul", "dynamic shape")
                 return call
-            wp = np.ascontiguousarray(w.reshape(k, n // lanes, lanes).transpose(1, 0, 2))
+            lanes, extra = lanes_for(n), 0
+            if lanes is None:  # columns padded with zero weights to whole blocks (a CTC head's 6625 classes), sliced off after
+                lanes = widest
+                extra = -n % lanes
+            wp = np.ascontiguousarray(np.pad(w, [(0, 0), (0, extra)]).reshape(k, (n + extra) // lanes, lanes).transpose(1, 0, 2))
             summary.matmuls += 1
             summary.narrow += lanes < widest
-            return self.builder_.call_te(_dense, call.args[0], relax.const(wp), primfunc_name_hint=DENSE)
+            out = self.builder_.call_te(_dense, call.args[0], relax.const(wp), primfunc_name_hint=DENSE)
+            if extra:
+                summary.padded += 1
+                out = relax.op.strided_slice(self.builder_.emit(out), axes=[call.ty.ndim - 1], begin=[0], end=[n])
+            return out
 
         def _activations(self, call):
             """A matmul of two activations (attention), B packed at run time: [..., K, N] -> [..., N/L, K, L]."""
