@@ -527,3 +527,34 @@ def test_matmul_columns_padded_to_whole_blocks_and_sliced(tmp_path):
     note = next(n for n in report.schedule if "hand-scheduled fp32 kernels" in n)
     assert note.startswith("0 Conv and 1 MatMul/Gemm") and "1 with their output channels padded" in note and "default path" not in note
     check_on_new_inputs(path, out, head_block)
+
+
+def test_a_layout_transpose_is_tiled_and_read_as_vectors_along_the_input(tmp_path):
+    """NCHW -> NHWC with a pad inlined (what FuseOps makes of a pad before an NHWC conv): each tile read along the
+    input's contiguous axis (W) as vectors, not along the output's (C), which misses the cache on every read."""
+    import re
+
+    from tvm import te, topi
+
+    width = lanes()
+    x = te.placeholder((1, 32, 16, 16), "float32", name="x")
+    padded = topi.nn.pad(x, (0, 0, 1, 1), (0, 0, 1, 1))
+    y = te.compute((1, 18, 18, 32), lambda n, h, w, c: padded[n, c, h, w], name="T_transpose")
+    plain = te.create_prim_func([x, y]).with_attr("global_symbol", "main")
+    x16 = te.placeholder((1, 32, 16, 32), "float32", name="x")  # W a multiple of the lanes: tiled
+    tiled_src = te.create_prim_func([x16, te.compute((1, 16, 32, 32), lambda n, h, w, c: x16[n, c, h, w], name="T_transpose"),
+                                     ]).with_attr("global_symbol", "main")
+    for fn, vectors_along_w in ((plain, False), (tiled_src, True)):  # plain: W = 18, tiled with a tail, not vectorized
+        sch = cpu_kernels.schedule_elementwise(fn, width)
+        script = sch.mod["main"].script()
+        vectorized = re.search(r"for (\w+) in T\.vectorized", script)
+        w_binding = re.search(r"v_w = T\.axis\.spatial\([^\n]*", script).group(0)
+        assert (vectorized is not None and vectorized.group(1) in w_binding) == vectors_along_w, script
+        assert script.count("T.parallel") == 1 and f" * {width} + " in w_binding, script  # W tiled by the lanes
+        data = np.random.default_rng(0).standard_normal([int(d) for d in fn.params[0].shape]).astype("float32")
+        results = []
+        for f in (fn, sch.mod["main"]):
+            tensors = [tvm.runtime.tensor(data), tvm.runtime.tensor(np.zeros([int(d) for d in f.params[1].shape], "float32"))]
+            tvm.compile(tvm.IRModule({"main": f}), target=host_target())(*tensors)
+            results.append(tensors[1].numpy())
+        np.testing.assert_array_equal(results[1], results[0])
