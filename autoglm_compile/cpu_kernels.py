@@ -739,7 +739,7 @@ def _tile_transpose(sch, block, lanes: int) -> bool:
     stmt = sch.get(block)
     loops = sch.get_loops(block)
     iters = [v.var.name for v in stmt.iter_vars]
-    if len(loops) != len(iters) < 2 or not stmt.reads:
+    if len(loops) != len(iters) or len(iters) < 2 or not stmt.reads:
         return False
     source = max(stmt.reads, key=lambda r: math.prod(int(getattr(rg.extent, "value", 1)) for rg in r.region))
     used = {v.name for v in undefined_vars(source.region[-1].min, [])} & set(iters)
