@@ -542,8 +542,8 @@ def test_a_layout_transpose_is_tiled_and_read_as_vectors_along_the_input(tmp_pat
     y = te.compute((1, 18, 18, 32), lambda n, h, w, c: padded[n, c, h, w], name="T_transpose")
     plain = te.create_prim_func([x, y]).with_attr("global_symbol", "main")
     x16 = te.placeholder((1, 32, 16, 32), "float32", name="x")  # W a multiple of the lanes: tiled
-    tiled_src = te.create_prim_func([x16, te.compute((1, 16, 32, 32), lambda n, h, w, c: x16[n, c, h, w], name="T_transpose"),
-                                     ]).with_attr("global_symbol", "main")
+    y16 = te.compute((1, 16, 32, 32), lambda n, h, w, c: x16[n, c, h, w], name="T_transpose")
+    tiled_src = te.create_prim_func([x16, y16]).with_attr("global_symbol", "main")
     for fn, vectors_along_w in ((plain, False), (tiled_src, True)):  # plain: W = 18, tiled with a tail, not vectorized
         sch = cpu_kernels.schedule_elementwise(fn, width)
         script = sch.mod["main"].script()
