@@ -241,7 +241,7 @@ def stage_schedule(job: Job) -> None:
 
         return schedule_segments(job)
     ctx = ScheduleContext(desc=job.target, tune=job.config.tune, progress=job.progress, fp16=job.config.relax_fp16, cuda_graph=bool(job.config.schedule.cuda_graph),
-                          split_k=job.config.schedule.split_k, cpu_kernels=job.config.schedule.cpu_kernels,
+                          split_k=job.config.schedule.split_k, attention_kernel=job.config.schedule.attention_kernel, cpu_kernels=job.config.schedule.cpu_kernels,
                           winograd=job.config.schedule.winograd)
     ctx.prepack_weights = bool(job.int8 and job.int8.packed)  # int8 kernels read their weights packed (int8_kernels.py)
     try:

@@ -70,6 +70,7 @@ class ScheduleContext:
     fp16: bool = False  # ToMixedPrecision before scheduling (mixed_precision below)
     cuda_graph: bool = False  # CUDA targets: Relax's RewriteCUDAGraph captures the static kernel sequences
     split_k: bool = False  # CUDA targets, with fp16: gpu_schedules.split_k over the descriptor's cuda.sm_count
+    attention_kernel: bool = False  # CUDA targets: self-attention as one kernel (gpu_attention.fuse_attention)
     cpu_kernels: bool = False  # llvm targets: hand-scheduled float32 conv/matmul kernels (cpu_kernels.py)
     winograd: int | str = 0  # with cpu_kernels: the Winograd output tile of 3x3 stride-1 convs, or auto (cpu_kernels.winograd_tile); 0: direct
     notes: list[str] = field(default_factory=list)  # what the schedule stage did beyond the strategy, for the report
@@ -161,7 +162,8 @@ def mixed_precision(mod, fp16_params: list[str] | None = None):
 
 def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext | None = None):
     """The lowered module and the TVM target. context.fp16 applies mixed_precision first, context.split_k then splits
-    the float16 GEMMs that launch too few thread blocks (CUDA targets with cuda.sm_count); context.cuda_graph sets
+    the float16 GEMMs that launch too few thread blocks (CUDA targets with cuda.sm_count), context.attention_kernel
+    runs self-attention as one kernel (CUDA targets: gpu_attention.fuse_attention); context.cuda_graph sets
     relax.backend.use_cuda_graph for the target's pipeline (its RewriteCUDAGraph pass; no effect on CPU targets)."""
     import tvm
 
@@ -193,6 +195,13 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
             factors = sorted({s for _op, s in splits})
             context.notes.append(f"split-K on {sum(op == 'matmul' for op, _ in splits)} matmul(s) and {sum(op == 'conv2d' for op, _ in splits)} conv(s) "
                                  f"that launch less than a wave of thread blocks on {desc.cuda.sm_count} SMs, in {'/'.join(map(str, factors))} slices")
+    if context.attention_kernel and target.kind.name == "cuda":
+        from .gpu_attention import fuse_attention
+
+        found: list = []
+        mod = fuse_attention(mod, found)
+        if found:
+            context.notes.append(attention_note(found))
     if target.kind.name == "cuda":
         from .tune_worker import import_tensor_intrinsics
 
@@ -203,6 +212,17 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
         if strategy in _WITH_CONTEXT:
             return _STRATEGIES[strategy](mod, target, context), target
         return _STRATEGIES[strategy](mod, target), target
+
+
+def attention_note(found: list) -> str:
+    """The report's line on gpu_attention.fuse_attention's matches: (AttentionShape, why not or None) each."""
+    fused = [shape for shape, why in found if why is None]
+    text = f"{len(fused)} self-attention(s) as one kernel each" if fused else "no self-attention fused"
+    if fused:
+        s = fused[0]
+        text += f" ({s.heads} heads x {s.q_len} x {s.kv_len}, head_dim {s.head_dim}, {s.dtype})"
+    reasons = sorted({why for _, why in found if why is not None})
+    return text + (f"; {len(found) - len(fused)} left to the default kernels: {', '.join(reasons)}" if reasons else "")
 
 
 def build(lowered, target) -> BuildResult:

@@ -7,6 +7,7 @@ Commands:
       estimate / measured ratios. Slow: untuned TVM on CPU takes seconds per ResNet-50 run.
 
   gpu-build-int8 MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100] [--no-cuda-graph] [--int8-attention]
+                 [--no-attention-kernel]
                  [--split-k-min K]
       An int8 build (synthetic calibration, the int8 rewrite) with its constants lifted into parameters, for timing
       on the GPU machine with random weights (gpu_build_int8); the CLI artifact of a smaller model checks accuracy.
@@ -15,7 +16,7 @@ Commands:
       Print the estimate of the optimized graph for each target (B replaces the descriptor's bandwidth).
 
   gpu-build MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100] [-O O3] [--precision fp16 [--fp16 graph|graph32|relax]]
-            [--cuda-graph] [--tile ROWSxCOLS] [--split-k SMS]
+            [--cuda-graph] [--tile ROWSxCOLS] [--split-k SMS] [--no-attention-kernel]
       Build for a CUDA target here, with the weights kept as parameters (graph inputs) so that the library holds
       code only and fits the GPU machine's 64 MiB transfer limit. Writes OUT_DIR/{model.so, graph.onnx, meta.json}:
       graph.onnx is the optimized graph with the weights as inputs (for the ONNX Runtime reference there), and
@@ -127,7 +128,7 @@ def gpu_build(args) -> None:
         from autoglm_compile import gpu_schedules
 
         gpu_schedules.SPLIT_K_MIN = args.split_k_min
-    sched = ScheduleContext(desc=desc, cuda_graph=args.cuda_graph, split_k=True)
+    sched = ScheduleContext(desc=desc, cuda_graph=args.cuda_graph, split_k=True, attention_kernel=not args.no_attention_kernel)
     tuning = None
     if args.tuning_db:
         from autoglm_compile.config import TuneConfig
@@ -224,7 +225,7 @@ def gpu_build_int8(args) -> None:
         job.staging.discard()
     mod, weights = lift_constants(job.relax_mod, args.min_elements, transpose_2d=not args.weights_as_is)
     mod["main"] = mod["main"].with_attr("num_input", len(job.inputs))  # the lifted weights are fixed: CUDA graphs capture their kernels
-    sched = ScheduleContext(desc=desc, cuda_graph=not args.no_cuda_graph, split_k=True)
+    sched = ScheduleContext(desc=desc, cuda_graph=not args.no_cuda_graph, split_k=True, attention_kernel=not args.no_attention_kernel)
     lowered, target = lower(mod, desc, "default", sched)
     if args.kernels:  # the kernels main launches, in order
         import re
@@ -423,6 +424,7 @@ def main() -> None:
                    help="split the K of float16 GEMMs that launch fewer thread blocks than SMS (gpu_schedules.split_k); 0: off; default: the descriptor's cuda.sm_count")
     g.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")
     g.add_argument("--weights-as-is", action="store_true", help="keep MatMul weights [K, N] (default: W^T behind a Transpose, as the CLI's builds read them)")
+    g.add_argument("--no-attention-kernel", action="store_true", help="attention on the default kernels (no gpu_attention.fuse_attention)")
     g.add_argument("--tile", help="ROWSxCOLS: every float16 tensor-core GEMM untuned gets this tile of gpu_schedules.TILES (default: DEFAULT_TILE)")
     q = sub.add_parser("gpu-build-int8")
     q.add_argument("model")
@@ -432,6 +434,7 @@ def main() -> None:
     q.add_argument("--min-elements", type=int, default=1024, help="constants this large become parameters")
     q.add_argument("--variant", help="a label for this build in the benchmark tables")
     q.add_argument("--no-cuda-graph", action="store_true", help="kernels launched one by one (benchmarks/gpu_profile.py times each)")
+    q.add_argument("--no-attention-kernel", action="store_true", help="float attention on the default kernels (no gpu_attention.fuse_attention)")
     q.add_argument("--int8-attention", action="store_true", help="attention's matmuls of two activations in int8 too (int8_kernels.CUDA_ACTIVATION_MATMULS)")
     q.add_argument("--weights-as-is", action="store_true", help="keep 2-D weights [K, N] (default: W^T parameters, as split-K reads constant weights)")
     q.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")
