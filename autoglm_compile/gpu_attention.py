@@ -39,6 +39,7 @@ ROWS = 16  # query rows per thread block
 THREADS = 128  # threads per block: at 16 rows, 8 threads per row in the softmax (256 was no faster on the H200)
 SHARED_LIMIT = 48 * 1024  # a kernel's shared memory without cudaFuncSetAttribute
 DTYPES = ("float16", "float32")
+CAST_SOURCES = True  # q, k and v cast to the matmuls' dtype before the kernel (see fuse_attention)
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,16 @@ def fuse_attention(mod, found: list | None = None, gpu: bool = True):
             q, k, v = (t if str(t.ty.dtype) == dtype else self.builder_.emit(relax.op.astype(t, dtype)) for t in (q, k, v))
             bias_shape = [1] * (4 - len(bias_shape)) + bias_shape
             (q, oq), (k, ok), (v, ov) = (self.columns(t, n * h) for t in (q, k, v))
+            matmul_dtype = {str(t.ty.dtype) for t in (x.args[0], x.args[1], pv.args[1])}
+            if CAST_SOURCES and len(matmul_dtype) == 1 and dtype != next(iter(matmul_dtype)):
+                # the dtype the matmuls took, cast on the [B, S, C] sources: FuseOps puts such a cast into their
+                # producer (no split after it any more), which then writes half the bytes
+                dtype = matmul_dtype.pop()
+                cast = {}
+                for t in (q, k, v):
+                    if t not in cast:
+                        cast[t] = self.builder_.emit(relax.op.astype(t, dtype))
+                q, k, v = cast[q], cast[k], cast[v]
             shape = AttentionShape(b, sq, sk, n, h, dtype, str(call.ty.dtype), tuple(bias_shape),
                                    str(bias.ty.dtype) if bias is not None else "float32", scale,
                                    tuple(int(t.ty.shape[-1]) for t in (q, k, v)), (oq, ok, ov))
