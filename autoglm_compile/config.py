@@ -229,7 +229,7 @@ class PipelineConfig(_Strict):
 
 
 # Passes a preset leaves out on a target kind, and why (measured: docs/benchmarks.md, GPU section).
-PRESET_SKIPS = {"cuda": {"fuse-attention": "TVM lowers the fused com.microsoft Attention to slow GPU kernels"}}
+PRESET_SKIPS = {"cuda": {"fuse-attention": "TVM lowers the fused com.microsoft Attention to slow GPU kernels (the unfused pattern gets gpu_attention's kernel)"}}
 # Passes a preset gets on a target kind, before its final clean-up (eliminate-dead-code, infer-shapes), and why.
 PRESET_ADDS = {"cuda": {"merge-parallel-matmuls": "one GEMM for Q, K and V: at batch 1 each projection alone launches too few thread blocks"}}
 

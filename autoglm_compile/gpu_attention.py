@@ -28,8 +28,8 @@ KiB in float32), and where head_dim divides the block's threads. Anything else k
 phase is its own loop over the threads, so that running them one after another is what the barriers between them do
 on the GPU (tests check the kernel that way against NumPy).
 
-On the H200, BERT-base fp16 (batch 1, seq 128, CUDA graph): 0.74-0.78 ms against 0.97-1.00 ms on the default
-kernels, in alternating runs of one call; the kernel takes 7.0 us per layer (docs/benchmarks.md).
+On the H200, BERT-base fp16 (batch 1, seq 128, CUDA graph): 0.73-0.81 ms against 0.96-1.01 ms on the default
+kernels, alternating in each of four calls; the kernel takes 6.7-7.0 us per layer (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ class AttentionShape:
             return f"dtype {self.dtype} -> {self.out_dtype}"
         if any(o % 8 or c % 8 for o, c in zip(self.offsets, self.cols)):
             return f"q/k/v columns {self.cols} at offsets {self.offsets} (16-byte loads)"
-        if THREADS % self.head_dim or ROWS % (THREADS // self.head_dim):
-            return f"head_dim {self.head_dim} (it must divide {THREADS})"
+        if self.head_dim % 8 or THREADS % self.head_dim or ROWS % (THREADS // self.head_dim):
+            return f"head_dim {self.head_dim} (it must be a multiple of 8 that divides {THREADS})"
         if self.shared_bytes > SHARED_LIMIT:
             return f"{self.kv_len} keys of head_dim {self.head_dim}: {self.shared_bytes} bytes of shared memory"
         full = (self.batch, self.heads, self.q_len, self.kv_len)
@@ -101,8 +101,9 @@ class AttentionShape:
 
 
 def attention_kernel(shape: AttentionShape, gpu: bool = True):
-    """The PrimFunc attention(q, k, v, bias, out) for shape (see the module docstring); gpu=False: thread loops
-    serial and buffers global, for running it on a CPU."""
+    """The PrimFunc fused_attention(q, k, v, bias, out) for shape: q, k, v [batch, sequence, columns] (shape.cols,
+    head n at shape.offsets + n * head_dim), bias broadcast to the scores, out [batch, q_len, heads, head_dim]. See
+    the module docstring. gpu=False: thread loops serial and buffers global, for running it on a CPU."""
     from tvm.script import tirx as T
 
     s = shape
