@@ -3,6 +3,8 @@ serial, gpu=False) against NumPy, the rewrite on transformers' BERT against ONNX
 its source (no GPU needed)."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -105,6 +107,10 @@ def test_the_cuda_build_runs_attention_as_one_kernel_per_layer(tmp_path):
     assert any("softmax" in gv.name_hint for gv in plain.functions)
 
 
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+
+
+@needs_nvcc
 def test_cuda_source_keeps_registers_and_few_barriers():
     """The scores' K row and sums stay in registers (no local-memory arrays indexed at run time), the softmax
     exchanges its partials through shared memory, and the phases need six barriers, none inside a loop."""
@@ -152,3 +158,20 @@ def test_mixed_precision_graph_is_matched():
     feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in (("q", (1, 32, 4, 32)), ("k", (1, 32, 4, 32)), ("v", (1, 32, 4, 32)), ("mask", (1, 1, 1, 32)))}
     (ref,), (got,) = run_llvm(mod, feeds), run_llvm(fused, feeds)
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-3)
+
+
+@needs_nvcc
+def test_the_report_names_the_fused_attentions_and_the_config_turns_them_off(tmp_path):
+    """The CLI's pipeline for a CUDA target (cross-compiled here): the report's schedule line counts the fused
+    attentions; `schedule.attention_kernel: false` keeps the default kernels."""
+    from autoglm_compile.pipeline import CompileOptions, compile_model
+    from autoglm_compile.zoo import bert_tiny
+
+    model = bert_tiny(tmp_path / "bert.onnx")
+    dims = ["batch=1", "sequence=16"]
+    report = compile_model(CompileOptions(source=str(model), output=tmp_path / "a", target="nvidia-h100", precision="fp16", dims=dims))
+    assert "2 self-attention(s) as one kernel each (2 heads x 16 x 16, head_dim 64, float16)" in report.schedule
+    cfg = tmp_path / "off.yaml"
+    cfg.write_text("extends: O2\nschedule: {attention_kernel: false}\n")
+    report = compile_model(CompileOptions(source=str(model), output=tmp_path / "b", target="nvidia-h100", precision="fp16", dims=dims, config_path=cfg))
+    assert not any("self-attention" in line for line in report.schedule)
