@@ -22,7 +22,7 @@ each thread then sums P x V for one column of the output over a group of rows. S
 (Relax's mixed-precision graph rounds the scores to float16 before the scale; this does not).
 
 The kernel holds all of a head's keys at once (no online softmax): it is taken where its shared memory fits in the
-48 KiB a kernel gets without opting in (`shared_bytes`), e.g. 128 keys with head_dim 64 (30.5 KiB in float16, 45.5
+48 KiB a kernel gets without opting in (`shared_bytes`), e.g. 128 keys with head_dim 64 (29.5 KiB in float16, 45.5
 KiB in float32), and where head_dim divides the block's threads. Anything else keeps the default lowering.
 `gpu=False` builds the same kernel with its thread loops serial and its buffers global, which runs on the CPU: each
 phase is its own loop over the threads, so that running them one after another is what the barriers between them do
@@ -39,7 +39,6 @@ ROWS = 16  # query rows per thread block
 THREADS = 128  # threads per block: at 16 rows, 8 threads per row in the softmax (256 was no faster on the H200)
 SHARED_LIMIT = 48 * 1024  # a kernel's shared memory without cudaFuncSetAttribute
 DTYPES = ("float16", "float32")
-CAST_SOURCES = True  # q, k and v cast to the matmuls' dtype before the kernel (see fuse_attention)
 
 
 @dataclass(frozen=True)
@@ -224,37 +223,6 @@ def attention_kernel(shape: AttentionShape, gpu: bool = True):
     return fused_attention.with_attr("tirx.is_scheduled", True)
 
 
-def reference(q, k, v, bias, scale):
-    """NumPy: softmax(Q K^T * scale + bias) V per head, float64; q, k, v [B, S, N, H], bias broadcast to [B, N, Sq, Sk]."""
-    import numpy as np
-
-    qh, kh, vh = (np.transpose(x.astype(np.float64), (0, 2, 1, 3)) for x in (q, k, v))
-    s = qh @ np.swapaxes(kh, -1, -2) * scale + bias.astype(np.float64)
-    s = np.exp(s - s.max(axis=-1, keepdims=True))
-    p = s / s.sum(axis=-1, keepdims=True)
-    return np.transpose(p @ vh, (0, 2, 1, 3))
-
-
-def scalar_value(expr, lookup) -> float | None:
-    """The value of a scalar constant (a Relax constant with one element, through astype), else None."""
-    from tvm import relax
-    from tvm.ir.expr import Constant
-
-    while True:
-        if isinstance(expr, relax.Var):
-            bound = lookup(expr)
-            if bound is None:
-                return None
-            expr = bound
-        elif isinstance(expr, relax.Call) and expr.op.name == "relax.astype":
-            expr = expr.args[0]
-        elif isinstance(expr, Constant):
-            a = expr.value.numpy()
-            return float(a.reshape(-1)[0]) if a.size == 1 else None
-        else:
-            return None
-
-
 def fuse_attention(mod, found: list | None = None, gpu: bool = True):
     """Replace every self-attention of the pattern in the module docstring whose shape the kernel takes with one
     call of attention_kernel. `found`, when given, gets (AttentionShape, why not or None) for each match. gpu=False:
@@ -262,6 +230,9 @@ def fuse_attention(mod, found: list | None = None, gpu: bool = True):
     import numpy as np
     import tvm
     from tvm import relax
+    from tvm.ir.expr import Constant
+
+    from .int8_kernels import bound_value
 
     ops = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("permute_dims", "matmul", "astype", "nn.softmax", "multiply", "divide", "add",
                                                               "reshape", "split")}
@@ -269,17 +240,11 @@ def fuse_attention(mod, found: list | None = None, gpu: bool = True):
     @relax.expr_functor.mutator
     class FuseAttention(relax.PyExprMutator):
         def bound(self, expr):
-            """expr's bound call, through variables and astype."""
-            while True:
-                if isinstance(expr, relax.Var):
-                    b = self.lookup_binding(expr)
-                    if b is None:
-                        return expr
-                    expr = b
-                elif isinstance(expr, relax.Call) and expr.op == ops["astype"]:
-                    expr = expr.args[0]
-                else:
-                    return expr
+            """expr's bound value, through variables and astype."""
+            expr = bound_value(self, expr)
+            while self.is_call(expr, "astype"):
+                expr = bound_value(self, expr.args[0])
+            return expr
 
         def is_call(self, expr, name, nargs=None):
             return isinstance(expr, relax.Call) and expr.op == ops[name] and (nargs is None or len(expr.args) == nargs)
@@ -330,10 +295,11 @@ def fuse_attention(mod, found: list | None = None, gpu: bool = True):
                 bias, x = x.args[1 - score_side], (left, right)[score_side]
             scale = 1.0
             if self.is_call(x, "multiply", 2) or self.is_call(x, "divide", 2):
-                c = scalar_value(x.args[1], self.lookup_binding)
-                if c is None or c == 0:
+                c = self.bound(x.args[1])  # a scalar constant, maybe cast
+                c = c.value.numpy().reshape(-1) if isinstance(c, Constant) else None
+                if c is None or c.size != 1 or c[0] == 0:
                     return call
-                scale = c if self.is_call(x, "multiply") else 1.0 / c
+                scale = float(c[0]) if self.is_call(x, "multiply") else 1.0 / float(c[0])
                 x = self.bound(x.args[0])
             if not self.is_call(x, "matmul", 2):
                 return call
@@ -345,28 +311,20 @@ def fuse_attention(mod, found: list | None = None, gpu: bool = True):
                 bias_shape = [int(d) for d in bias.ty.shape] if bias is not None else [1, 1, 1, 1]
             except (AttributeError, TypeError):  # dynamic shapes
                 return call
-            # the kernel reads q, k and v in their dtype: ToMixedPrecision casts them to float16 after the head
-            # transposes, and the split-K GEMM producing them writes float32 (casts before the kernel would be
-            # kernels of their own: their producer ends in a split). Differing dtypes are cast to the matmuls' one.
-            dtype = {str(t.ty.dtype) for t in (q, k, v)}
-            if len(dtype) != 1:
-                dtype = {str(t.ty.dtype) for t in (x.args[0], x.args[1], pv.args[1])}
+            # the kernel takes q, k and v in the dtype the matmuls took (ToMixedPrecision's float16). They are cast
+            # on their [B, S, C] source, a cast FuseOps puts into the kernel producing it, which then writes half
+            # the bytes (the split-K sum of the Q/K/V projection writes float32).
+            dtype = {str(t.ty.dtype) for t in (x.args[0], x.args[1], pv.args[1])}
             if len(bias_shape) > 4 or any([int(d) for d in t.ty.shape] != [b, sk, n, h] for t in (k, v)) or len(dtype) != 1:
                 return call
             dtype = dtype.pop()
-            q, k, v = (t if str(t.ty.dtype) == dtype else self.builder_.emit(relax.op.astype(t, dtype)) for t in (q, k, v))
             bias_shape = [1] * (4 - len(bias_shape)) + bias_shape
             (q, oq), (k, ok), (v, ov) = (self.columns(t, n * h) for t in (q, k, v))
-            matmul_dtype = {str(t.ty.dtype) for t in (x.args[0], x.args[1], pv.args[1])}
-            if CAST_SOURCES and len(matmul_dtype) == 1 and dtype != next(iter(matmul_dtype)):
-                # the dtype the matmuls took, cast on the [B, S, C] sources: FuseOps puts such a cast into their
-                # producer (no split after it any more), which then writes half the bytes
-                dtype = matmul_dtype.pop()
-                cast = {}
-                for t in (q, k, v):
-                    if t not in cast:
-                        cast[t] = self.builder_.emit(relax.op.astype(t, dtype))
-                q, k, v = cast[q], cast[k], cast[v]
+            cast = {}
+            for t in (q, k, v):
+                if t not in cast:
+                    cast[t] = t if str(t.ty.dtype) == dtype else self.builder_.emit(relax.op.astype(t, dtype))
+            q, k, v = cast[q], cast[k], cast[v]
             shape = AttentionShape(b, sq, sk, n, h, dtype, str(call.ty.dtype), tuple(bias_shape),
                                    str(bias.ty.dtype) if bias is not None else "float32", scale,
                                    tuple(int(t.ty.shape[-1]) for t in (q, k, v)), (oq, ok, ov))
@@ -386,32 +344,16 @@ def fuse_attention(mod, found: list | None = None, gpu: bool = True):
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    out = mutator.builder_.get()
-    return relax.transform.DeadCodeElimination()(out) if found is None or any(why is None for _, why in found) else out
+    # the replaced ops, and the reshapes and casts emitted for a match the kernel then did not take
+    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
 
 
-def max_abs_error(shape: AttentionShape, seed: int = 0) -> float:
-    """Build the CPU form of the kernel for shape, run it on seeded random inputs and return its max abs difference
-    to `reference` (for tests and quick checks)."""
-    import numpy as np
-    import tvm
-
-    rng = np.random.default_rng(seed)
-    b, n, h = shape.batch, shape.heads, shape.head_dim
-    lengths = (shape.q_len, shape.kv_len, shape.kv_len)
-    if shape.columns is not None and len(set(shape.cols)) == 1 and shape.q_len == shape.kv_len:  # one packed tensor
-        packed = rng.standard_normal((b, shape.q_len, shape.cols[0])).astype(shape.dtype)
-        tensors = [packed] * 3
-    else:
-        tensors = [rng.standard_normal((b, length, c)).astype(shape.dtype) for length, c in zip(lengths, shape.cols)]
-    q, k, v = (t[:, :, o:o + n * h].reshape(b, length, n, h) for t, o, length in zip(tensors, shape.offsets, lengths))
-    bias = (rng.standard_normal(shape.bias_shape) * 2).astype(shape.bias_dtype)
-    lib = tvm.tirx.build(attention_kernel(shape, gpu=False), target="llvm")
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in (*tensors, bias)]
-    out = tvm.runtime.tensor(np.zeros((shape.batch, shape.q_len, shape.heads, shape.head_dim), shape.out_dtype), dev)
-    lib(*args, out)
-    return float(np.abs(out.numpy().astype(np.float64) - reference(q, k, v, bias, shape.scale)).max())
-
-
-__all__ = ["AttentionShape", "attention_kernel", "fuse_attention", "reference", "max_abs_error", "ROWS", "THREADS"]
+def describe(found: list) -> str:
+    """The report's line on fuse_attention's matches: (AttentionShape, why not or None) each."""
+    fused = [shape for shape, why in found if why is None]
+    text = f"{len(fused)} self-attention(s) as one kernel each" if fused else "no self-attention fused"
+    if fused:
+        s = fused[0]
+        text += f" ({s.heads} heads x {s.q_len} x {s.kv_len}, head_dim {s.head_dim}, {s.dtype})"
+    reasons = sorted({why for _, why in found if why is not None})
+    return text + (f"; {len(found) - len(fused)} left to the default kernels: {', '.join(reasons)}" if reasons else "")

@@ -196,12 +196,12 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
             context.notes.append(f"split-K on {sum(op == 'matmul' for op, _ in splits)} matmul(s) and {sum(op == 'conv2d' for op, _ in splits)} conv(s) "
                                  f"that launch less than a wave of thread blocks on {desc.cuda.sm_count} SMs, in {'/'.join(map(str, factors))} slices")
     if context.attention_kernel and target.kind.name == "cuda":
-        from .gpu_attention import fuse_attention
+        from .gpu_attention import describe, fuse_attention
 
         found: list = []
         mod = fuse_attention(mod, found)
         if found:
-            context.notes.append(attention_note(found))
+            context.notes.append(describe(found))
     if target.kind.name == "cuda":
         from .tune_worker import import_tensor_intrinsics
 
@@ -212,17 +212,6 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
         if strategy in _WITH_CONTEXT:
             return _STRATEGIES[strategy](mod, target, context), target
         return _STRATEGIES[strategy](mod, target), target
-
-
-def attention_note(found: list) -> str:
-    """The report's line on gpu_attention.fuse_attention's matches: (AttentionShape, why not or None) each."""
-    fused = [shape for shape, why in found if why is None]
-    text = f"{len(fused)} self-attention(s) as one kernel each" if fused else "no self-attention fused"
-    if fused:
-        s = fused[0]
-        text += f" ({s.heads} heads x {s.q_len} x {s.kv_len}, head_dim {s.head_dim}, {s.dtype})"
-    reasons = sorted({why for _, why in found if why is not None})
-    return text + (f"; {len(found) - len(fused)} left to the default kernels: {', '.join(reasons)}" if reasons else "")
 
 
 def build(lowered, target) -> BuildResult:

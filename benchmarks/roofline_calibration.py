@@ -7,7 +7,6 @@ Commands:
       estimate / measured ratios. Slow: untuned TVM on CPU takes seconds per ResNet-50 run.
 
   gpu-build-int8 MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100] [--no-cuda-graph] [--int8-attention]
-                 [--no-attention-kernel]
                  [--split-k-min K]
       An int8 build (synthetic calibration, the int8 rewrite) with its constants lifted into parameters, for timing
       on the GPU machine with random weights (gpu_build_int8); the CLI artifact of a smaller model checks accuracy.
@@ -225,7 +224,8 @@ def gpu_build_int8(args) -> None:
         job.staging.discard()
     mod, weights = lift_constants(job.relax_mod, args.min_elements, transpose_2d=not args.weights_as_is)
     mod["main"] = mod["main"].with_attr("num_input", len(job.inputs))  # the lifted weights are fixed: CUDA graphs capture their kernels
-    sched = ScheduleContext(desc=desc, cuda_graph=not args.no_cuda_graph, split_k=True, attention_kernel=not args.no_attention_kernel)
+    # attention_kernel: the QDQ model quantizes every step of attention, which the pattern does not take (none is fused)
+    sched = ScheduleContext(desc=desc, cuda_graph=not args.no_cuda_graph, split_k=True, attention_kernel=True)
     lowered, target = lower(mod, desc, "default", sched)
     if args.kernels:  # the kernels main launches, in order
         import re
@@ -434,7 +434,6 @@ def main() -> None:
     q.add_argument("--min-elements", type=int, default=1024, help="constants this large become parameters")
     q.add_argument("--variant", help="a label for this build in the benchmark tables")
     q.add_argument("--no-cuda-graph", action="store_true", help="kernels launched one by one (benchmarks/gpu_profile.py times each)")
-    q.add_argument("--no-attention-kernel", action="store_true", help="float attention on the default kernels (no gpu_attention.fuse_attention)")
     q.add_argument("--int8-attention", action="store_true", help="attention's matmuls of two activations in int8 too (int8_kernels.CUDA_ACTIVATION_MATMULS)")
     q.add_argument("--weights-as-is", action="store_true", help="keep 2-D weights [K, N] (default: W^T parameters, as split-K reads constant weights)")
     q.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")

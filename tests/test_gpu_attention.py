@@ -9,10 +9,39 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from autoglm_compile.gpu_attention import AttentionShape, attention_kernel, fuse_attention, max_abs_error
+from autoglm_compile.gpu_attention import AttentionShape, attention_kernel, fuse_attention
 from autoglm_compile.inputs import InputSpec
 from autoglm_compile.target import resolve_target
 from autoglm_compile.tvm_build import ScheduleContext, import_relax, lower, mixed_precision
+
+
+def reference(q, k, v, bias, scale):
+    """NumPy: softmax(Q K^T * scale + bias) V per head, float64; q, k, v [B, S, N, H], bias broadcast to [B, N, Sq, Sk]."""
+    qh, kh, vh = (np.transpose(x.astype(np.float64), (0, 2, 1, 3)) for x in (q, k, v))
+    s = qh @ np.swapaxes(kh, -1, -2) * scale + bias.astype(np.float64)
+    s = np.exp(s - s.max(axis=-1, keepdims=True))
+    p = s / s.sum(axis=-1, keepdims=True)
+    return np.transpose(p @ vh, (0, 2, 1, 3))
+
+
+def max_abs_error(shape: AttentionShape, seed: int = 0) -> float:
+    """The kernel's CPU form for shape on seeded random inputs: its max abs difference to `reference`. Where the
+    shape has one column count for all three and q_len == kv_len, q, k and v are the parts of one packed tensor."""
+    import tvm
+
+    rng = np.random.default_rng(seed)
+    b, n, h = shape.batch, shape.heads, shape.head_dim
+    lengths = (shape.q_len, shape.kv_len, shape.kv_len)
+    if shape.columns is not None and len(set(shape.cols)) == 1 and shape.q_len == shape.kv_len:
+        tensors = [rng.standard_normal((b, shape.q_len, shape.cols[0])).astype(shape.dtype)] * 3
+    else:
+        tensors = [rng.standard_normal((b, length, c)).astype(shape.dtype) for length, c in zip(lengths, shape.cols)]
+    q, k, v = (t[:, :, o:o + n * h].reshape(b, length, n, h) for t, o, length in zip(tensors, shape.offsets, lengths))
+    bias = (rng.standard_normal(shape.bias_shape) * 2).astype(shape.bias_dtype)
+    lib = tvm.tirx.build(attention_kernel(shape, gpu=False), target="llvm")
+    out = tvm.runtime.tensor(np.zeros((b, shape.q_len, n, h), shape.out_dtype))
+    lib(*(tvm.runtime.tensor(a) for a in (*tensors, bias)), out)
+    return float(np.abs(out.numpy().astype(np.float64) - reference(q, k, v, bias, shape.scale)).max())
 
 
 def shape(b=1, sq=128, sk=128, n=12, h=64, dtype="float16", out="float16", bias=(1, 1, 1, 128), bias_dtype="float32", scale=0.125):
