@@ -497,3 +497,63 @@ def _split_k_sum(parts):
         return acc
 
     return te.compute(parts.shape[1:], total, name="split_k_sum")
+
+
+# ------------------------------------------------------------------------------------ split-K sum into layer norm
+
+def fuse_split_k_sums(mod):
+    """Each split-K sum (with the epilogue FuseOps gave it: bias, residual add, casts) fused into the layer norm that
+    is its only reader: one kernel instead of two. FuseOps does not do it, since it fuses an injective op into
+    injective consumers only. Runs after FuseOps/FuseTIR, before the schedules: the pair becomes one primitive
+    function, which FuseTIR makes one PrimFunc (the sum inlined into the layer norm's loads); DLight's
+    GeneralReduction schedules it as it does the layer norm (a thread block per row). Matches the PrimFuncs by their
+    blocks: the sum's `split_k_sum` (_split_k_sum) and topi's `T_layer_norm` (relax.nn.layer_norm legalized)."""
+    import tvm
+    from tvm import relax
+
+    from .cpu_kernels import _block_names
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    blocks = {gv: _block_names(f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+    def is_sum(gv) -> bool:
+        return any(b.startswith("split_k_sum") for b in blocks.get(gv, ()))
+
+    uses: dict = {}
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, lambda e: uses.__setitem__(e, uses.get(e, 0) + 1) if isinstance(e, relax.Var) else None)
+
+    @relax.expr_functor.mutator
+    class Fuse(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != call_tir or "T_layer_norm" not in blocks.get(call.args[0], ()):
+                return call
+            x = call.args[1].fields[0]
+            src = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+            if not (isinstance(src, relax.Call) and src.op == call_tir and is_sum(src.args[0]) and uses.get(x) == 1):
+                return call
+            sum_args, norm_args = list(src.args[1].fields), list(call.args[1].fields[1:])
+            params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(sum_args + norm_args)]
+            bb = relax.BlockBuilder()
+            with bb.function("fused_split_k_layer_norm", params, attrs={"Primitive": True}, private=True):
+                with bb.dataflow():
+                    total = bb.emit(relax.call_tir(src.args[0], params[:len(sum_args)], x.ty))
+                    out = bb.emit_output(relax.call_tir(call.args[0], [total] + params[len(sum_args):], call.ty))
+                bb.emit_func_output(out)
+            fused = self.builder_.add_func(bb.get()["fused_split_k_layer_norm"], "fused_split_k_layer_norm")
+            return relax.Call(fused, sum_args + norm_args)
+
+    mutator = Fuse(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function) and "Primitive" not in (func.attrs or {}):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    out = relax.transform.DeadCodeElimination()(mutator.builder_.get())  # the sums' own calls, now unused
+    return relax.transform.FuseTIR()(out)
+
+
+def fuse_split_k_sums_pass():
+    import tvm
+
+    return tvm.transform.module_pass(lambda mod, _ctx: fuse_split_k_sums(mod), opt_level=0, name="FuseSplitKSums")

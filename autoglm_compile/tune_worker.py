@@ -271,15 +271,15 @@ GPU_DEFAULTS = "defaults_gpu.json"  # in work_dir: {task: µs of the default GPU
 
 
 def gpu_legalize_passes(target) -> tuple[list, list]:
-    """TVM's CUDA legalize_passes split into (the passes before DLight, DLight's ApplyDefaultSchedule with
-    gpu_schedules' tensor-core rule first): tuning extracts its tasks before the default schedules, which then cover
-    only what the database lacks."""
+    """TVM's CUDA legalize_passes split into (the passes before DLight, with gpu_schedules.fuse_split_k_sums after
+    FuseTIR; DLight's ApplyDefaultSchedule with gpu_schedules' tensor-core rule first): tuning extracts its tasks
+    before the default schedules, which then cover only what the database lacks."""
     from tvm.relax.backend.cuda import pipeline
 
-    from .gpu_schedules import default_schedule_pass
+    from .gpu_schedules import default_schedule_pass, fuse_split_k_sums_pass
 
-    passes = pipeline.legalize_passes(target)
-    return [p for p in passes if p.info.name != "ApplyDefaultSchedule"], [default_schedule_pass()]
+    passes = [p for p in pipeline.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
+    return passes + [fuse_split_k_sums_pass()], [default_schedule_pass()]
 
 
 def measure_gpu_defaults(mods, names, target, builder, runner, work_dir: str) -> None:

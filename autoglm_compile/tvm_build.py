@@ -209,9 +209,11 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
     cur = tvm.transform.PassContext.current()  # its settings are kept
     with tvm.transform.PassContext(opt_level=cur.opt_level, required_pass=list(cur.required_pass), disabled_pass=list(cur.disabled_pass),
                                    instruments=list(cur.instruments), config={**cur.config, "relax.backend.use_cuda_graph": context.cuda_graph}):
-        if strategy in _WITH_CONTEXT:
-            return _STRATEGIES[strategy](mod, target, context), target
-        return _STRATEGIES[strategy](mod, target), target
+        lowered = _STRATEGIES[strategy](mod, target, context) if strategy in _WITH_CONTEXT else _STRATEGIES[strategy](mod, target)
+    fused = sum(gv.name_hint.startswith("fused_split_k_layer_norm") for gv in lowered.functions)
+    if fused:  # gpu_schedules.fuse_split_k_sums, in the CUDA legalize passes
+        context.notes.append(f"{fused} split-K sum(s) fused into the layer norm that reads them")
+    return lowered, target
 
 
 def build(lowered, target) -> BuildResult:
