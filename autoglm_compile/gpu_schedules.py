@@ -42,9 +42,14 @@ class Tile:
 
     @property
     def shared_bytes(self) -> int:
-        """Shared memory per block: the float16 operand stages (two buffers for the pipeline, rows padded by 8) and,
-        for tiles smaller than DLight's, the float32 accumulator stage in static shared memory (rows padded by 4)."""
-        operands = 2 * (self.rows + self.cols) * (FRAG * self.k_frags + 8) * 2
+        """Shared memory per block with float16 operands and the register-staged pipeline (two buffers)."""
+        return self.shared_bytes_for("float16", 2)
+
+    def shared_bytes_for(self, in_dtype: str, stages: int) -> int:
+        """Shared memory per block: `stages` buffers of the operand tiles (rows padded as WMMA_DTYPES says) and, for
+        tiles smaller than DLight's, the float32 accumulator stage in static shared memory (rows padded by 4)."""
+        pad, size = WMMA_DTYPES[in_dtype][1], 1 if in_dtype == "int8" else 2
+        operands = stages * (self.rows + self.cols) * (FRAG * self.k_frags + pad) * size
         return operands + (self.rows * (self.cols + 4) * 4 if self.static_out else 0)
 
     @property
@@ -63,20 +68,52 @@ DEFAULT_TILE = TILES[1]  # int8 GEMMs too (K steps of 64 instead of 32 were slow
 WMMA_DTYPES = {"float16": (("float32", "float16"), 8), "int8": (("int32",), 16)}
 
 
-def wmma_schedule(func, tile: Tile):
+# K steps in flight where the target copies global to shared memory asynchronously (cp.async, sm_80 and newer): the
+# loads of steps s+1 and s+2 overlap the fragments' compute of step s. The split-K GEMMs at batch 1 run a dozen K
+# steps per block, each waiting on a global load: on the H200, BERT-base fp16 0.73 -> 0.67 ms (docs/benchmarks.md).
+ASYNC_STAGES = 3
+ASYNC_MIN_SM = 80
+SHARED_LIMIT = 48 * 1024  # what a kernel gets without opting in: a pipeline that needs more keeps two register-staged buffers
+
+
+def pipeline_stages(tile: Tile, in_dtype: str, target) -> int:
+    """ASYNC_STAGES where the target has cp.async and the tile's buffers fit in SHARED_LIMIT; else 2 (the operands
+    staged through registers, DLight's double buffer)."""
+    from tvm.s_tir.dlight.gpu.matmul import check_sm_version
+
+    arch = str(target.attrs.get("arch", "")) if target is not None and target.kind.name == "cuda" else ""
+    if arch and check_sm_version(arch) >= ASYNC_MIN_SM and tile.shared_bytes_for(in_dtype, ASYNC_STAGES) <= SHARED_LIMIT:
+        return ASYNC_STAGES
+    return 2
+
+
+def async_copy_config(target) -> dict:
+    """The PassContext settings a CUDA build needs for the cp.async pipelines (TIR's InjectPTXAsyncCopy)."""
+    return {"tirx.use_async_copy": 1} if target is not None and target.kind.name == "cuda" else {}
+
+
+def wmma_schedule(func, tile: Tile, target=None):
     """func (a GEMM-like PrimFunc with float16 or int8 operands) scheduled on wmma tensor cores with the given tile,
-    or None when the intrinsics do not match it."""
+    or None when the intrinsics do not match it. With a target, the operands' pipeline has `pipeline_stages`
+    buffers (cp.async copies in 16-byte pieces where there are more than 2; build with async_copy_config)."""
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import get_root_block
     from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers, get_in_out_dtypes, get_reduction_blocks
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
-    warp, vector = 32, 4
     sch = s_tir.Schedule(func)
     main = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))[0]
     in_dtype = str(get_in_out_dtypes(sch.get(main))[0])
     if in_dtype not in WMMA_DTYPES:
         return None
+    stages = pipeline_stages(tile, in_dtype, target)
+    if stages > 2 and not _contiguous_along_k(sch, main, 4 if in_dtype == "int8" else 8):
+        stages = 2
+    warp, vector = 32, 4
+    # operand elements per thread and load in the async pipeline: 16 bytes of float16 (one cp.async); 4 bytes of int8,
+    # since TVM 0.27's CUDA codegen writes an int8x8 or int8x16 constant (a padded conv's zero) as a make_int4 of 16
+    # chars, which nvcc refuses
+    load_vector = (4 if in_dtype == "int8" else 8) if stages > 2 else vector
     out_dtypes, row_pad = WMMA_DTYPES[in_dtype]
     _normalize(sch, main)
     sch.pad_einsum(main, [1, tile.rows, tile.cols, FRAG * tile.k_frags])  # whole block tiles
@@ -93,9 +130,13 @@ def wmma_schedule(func, tile: Tile):
     j_one, j_block, j_warp, j_frags = sch.split(j, [1, None, tile.warps_j, tile.frags_j])
     k_stage, k_step = sch.split(k, [None, tile.k_frags])
     sch.reorder(i_block, j_one, i_one, j_block, j_warp, i_warp, k_stage, k_step, i_frags, j_frags)
-    # the shared-memory loads of stage s+1 overlap the fragments' compute of stage s (DLight's pipeline)
-    sch.annotate(k_stage, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
-    sch.annotate(k_stage, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
+    if stages > 2:  # the two shared-memory copies (async), then the fragment pipeline's prologue, body and epilogue
+        sch.annotate(k_stage, "software_pipeline_order", [0, 1, 2, 3, 4])
+        sch.annotate(k_stage, "software_pipeline_stage", [0, 0] + [stages - 1] * 3)
+        sch.annotate(k_stage, "software_pipeline_async_stages", [0])
+    else:  # the shared-memory loads of stage s+1 overlap the fragments' compute of stage s (DLight's pipeline)
+        sch.annotate(k_stage, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
+        sch.annotate(k_stage, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
     sch.annotate(k_step, "software_pipeline_order", [0, 1, 2])
     sch.annotate(k_step, "software_pipeline_stage", [0, 0, 1])
     sch.bind(batch, "blockIdx.z")
@@ -108,13 +149,14 @@ def wmma_schedule(func, tile: Tile):
     def stage_in_shared(operand: int):
         stage = sch.cache_read(outer, operand, "shared.dyn")
         sch.compute_at(stage, k_stage)
-        _, ty, tx, vec = sch.split(sch.fuse(*sch.get_loops(stage)[-2:]), [None, num_warps, warp, vector])
+        _, ty, tx, vec = sch.split(sch.fuse(*sch.get_loops(stage)[-2:]), [None, num_warps, warp, load_vector])
         sch.bind(tx, "threadIdx.x")
         sch.bind(ty, "threadIdx.y")
         sch.vectorize(vec)
         sch.storage_align(stage, 0, axis=-2, factor=16, offset=row_pad)  # against shared-memory bank conflicts
-        sch.annotate(stage, "tirx.manifest_shared_memory_local_stage", 1)
-        sch.annotate(stage, "double_buffer_scope", 0)
+        if stages == 2:  # global -> registers -> shared, double-buffered; the async pipeline copies straight to shared
+            sch.annotate(stage, "tirx.manifest_shared_memory_local_stage", 1)
+            sch.annotate(stage, "double_buffer_scope", 0)
         auto_inline_producers(sch, stage)
 
     stage_in_shared(0)
@@ -154,6 +196,39 @@ def wmma_schedule(func, tile: Tile):
         attempt.vectorize(vec)
         return scalar_bool_loads(attempt)  # here, not only in the rule: the GPU tile sweep schedules with this too
     return None
+
+
+def _contiguous_along_k(sch, main, vector: int) -> bool:
+    """Whether both operands of the GEMM block `main` are read `vector` elements at a time from contiguous, aligned
+    memory along K: the last index of each read is the innermost reduction variable plus a multiple of `vector`, and
+    the buffer's rows are a multiple of `vector` long; an operand computed in the function must be an elementwise
+    image of its input (a cast), not a gather (a conv's padding or im2col). TVM 0.27's InjectPTXAsyncCopy turns a
+    strided vector load into one contiguous cp.async (ResNet-50's 1x1 convs read channels 3136 apart: misaligned
+    addresses on the H200), so the async pipeline is for such GEMMs only."""
+    from tvm import sym
+
+    block = sch.get(main)
+    k = [iv for iv in block.iter_vars if int(iv.iter_type) == 2]  # 2: CommReduce
+    if not k or int(k[-1].dom.extent) % vector:
+        return False
+    k = k[-1].var
+    producers = {sch.get(p).writes[0].source.name: sch.get(p) for p in sch.get_producers(main)}
+    analyzer = sym.Analyzer()
+    for read in block.reads:
+        coef, base = (list(sym.detect_linear_equation(read.region[-1].min, [k])) + [None, None])[:2]
+        if coef is None or int(coef) != 1:
+            return False
+        mod = analyzer.modular_set(base)
+        if int(mod.coeff) % vector or int(mod.base) % vector or int(read.source.shape[-1]) % vector:
+            return False
+        src = producers.get(read.source.name)
+        if src is not None:  # computed in the function: only an elementwise image of one input, index for index
+            if len(src.reads) != 1 or len(src.writes) != 1 or not all(
+                    analyzer.can_prove_equal(a.min, b.min) for a, b in zip(src.reads[0].region, src.writes[0].region)):
+                return False
+            if int(src.reads[0].source.shape[-1]) % vector or src.reads[0].source.name in producers:
+                return False
+    return True
 
 
 def _normalize(sch, main) -> None:
@@ -209,7 +284,7 @@ def tile_candidates(func, target) -> list[tuple[Tile, object]]:
     out = []
     for tile in TILES:
         try:
-            sch = wmma_schedule(func, tile)
+            sch = wmma_schedule(func, tile, target)
         except Exception:  # this tile does not divide into this GEMM's loops
             continue
         if sch is not None:
@@ -228,7 +303,7 @@ def tensor_core_rule():
             if gemm is None:
                 return None
             try:
-                return wmma_schedule(func, DEFAULT_TILE)
+                return wmma_schedule(func, DEFAULT_TILE, target)
             except Exception:  # a GEMM the tensor-core schedule cannot take: DLight's Matmul decides
                 return None
 

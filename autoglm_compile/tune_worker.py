@@ -107,11 +107,16 @@ def build_candidate(mod, target, _params):
 
     Intrinsics are looked up by name while a schedule is made (tensorize), in the tuning process; a candidate that
     reaches the builder already holds their bodies, so the builder does not need them registered."""
+    import tvm
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .gpu_schedules import async_copy_config
+
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)
+    cur = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(opt_level=cur.opt_level, config={**cur.config, **async_copy_config(target)}):  # the GEMMs' cp.async
+        return tvm_build(mod, target=target)
 
 
 def pooled_builder(max_workers: int, timeout_sec: float):

@@ -217,13 +217,20 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
 
 
 def build(lowered, target) -> BuildResult:
+    """Compile the lowered module: TIR's passes and the target's codegen (with cp.async for the GEMM pipelines that
+    gpu_schedules made asynchronous: gpu_schedules.async_copy_config)."""
+    import tvm
     from tvm import relax
 
+    from .gpu_schedules import async_copy_config
     from .memory_fit import plan_figures, workspace_probe
 
     figures = plan_figures(lowered)
-    with workspace_probe(figures):  # the kernels' scratch space, read after TVM's StorageRewrite pass
-        ex = relax.build(lowered, target, relax_pipeline=None)
+    cur = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(opt_level=cur.opt_level, required_pass=list(cur.required_pass), disabled_pass=list(cur.disabled_pass),
+                                   instruments=list(cur.instruments), config={**cur.config, **async_copy_config(target)}):
+        with workspace_probe(figures):  # the kernels' scratch space, read after TVM's StorageRewrite pass
+            ex = relax.build(lowered, target, relax_pipeline=None)
     return BuildResult(ex, figures)
 
 

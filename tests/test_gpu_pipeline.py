@@ -1,5 +1,6 @@
-"""split-K's sum fused into the layer norm that reads it (gpu_schedules.fuse_split_k_sums), checked without a GPU:
-the fused module computes what the unfused one does, on the CPU, and the CUDA lowering has one kernel for both."""
+"""Two GPU schedule changes, checked without a GPU: the tensor-core GEMMs' cp.async pipeline (gpu_schedules.
+pipeline_stages, on sm_80 and newer) and split-K's sum fused into the layer norm that reads it
+(gpu_schedules.fuse_split_k_sums): the fused module computes what the unfused one does, on the CPU."""
 from __future__ import annotations
 
 import shutil
@@ -10,6 +11,67 @@ import pytest
 from autoglm_compile import gpu_schedules as gs
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+
+
+def cuda_target(arch: str):
+    import tvm
+
+    return tvm.target.Target({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                              "thread_warp_size": 32, "registers_per_block": 65536}, host={"kind": "llvm"})
+
+
+def split_gemm(m: int, n: int, k: int, s: int, a_dtype: str = "float16", b_dtype: str = "float16"):
+    """split-K's GEMM (A[m, k] by B^T[n, k] in s slices of K) as a PrimFunc."""
+    from tvm import te
+
+    a = te.placeholder((m, k), a_dtype, name="a")
+    b = te.placeholder((n, k), b_dtype, name="b")
+    return te.create_prim_func([a, b, gs._split_k_gemm(a, b, s, transposed=True)])
+
+
+def cuda_source(sch, target) -> str:
+    import tvm
+
+    with tvm.transform.PassContext(opt_level=3, config=gs.async_copy_config(target)):
+        lib = tvm.compile(sch.mod, target=target)
+    return "\n".join(m.inspect_source() for m in lib.mod.imports)
+
+
+@pytest.mark.parametrize("arch, stages", [("sm_90", 3), ("sm_87", 3), ("sm_80", 3), ("sm_75", 2), ("sm_72", 2)])
+def test_async_pipeline_needs_sm80(arch, stages):
+    assert gs.pipeline_stages(gs.DEFAULT_TILE, "float16", cuda_target(arch)) == stages
+    assert gs.pipeline_stages(gs.DEFAULT_TILE, "float16", None) == 2
+
+
+def test_tiles_whose_buffers_exceed_the_shared_limit_keep_two_stages():
+    for tile in gs.TILES:
+        stages = gs.pipeline_stages(tile, "float16", cuda_target("sm_90"))
+        assert (stages == gs.ASYNC_STAGES) == (tile.shared_bytes_for("float16", gs.ASYNC_STAGES) <= gs.SHARED_LIMIT)
+        assert tile.shared_bytes_for("float16", stages) <= gs.SHARED_LIMIT or stages == 2
+    assert gs.pipeline_stages(gs.TILES[0], "float16", cuda_target("sm_90")) == 2  # DLight's 128 x 128: 110 KiB in 3 stages
+    assert gs.DEFAULT_TILE.shared_bytes_for("float16", 3) == 3 * 128 * 40 * 2 + 64 * 68 * 4
+
+
+@pytest.mark.parametrize("a_dtype, b_dtype, piece", [("float16", "float16", 16), ("float32", "float16", 16), ("int8", "int8", 4)])
+def test_sm90_gemm_copies_operands_with_cp_async(a_dtype, b_dtype, piece):
+    """On sm_90 the operands go straight to shared memory in 16-byte cp.async copies, three K steps in flight (the
+    wait leaves the next two outstanding); a float32 A is cast on its way (a plain store), B still goes by cp.async.
+    On sm_75 the pipeline stays register-staged: no cp.async."""
+    func = split_gemm(128, 768, 768, 4, a_dtype, b_dtype)
+    src = cuda_source(gs.wmma_schedule(func, gs.DEFAULT_TILE, cuda_target("sm_90")), cuda_target("sm_90"))
+    assert "wmma::mma_sync" in src and "cp.async" in src
+    assert f'"n"({piece})' in src
+    assert "cp_async_wait_group_2" in src.replace("async_wait_group_", "cp_async_wait_group_")
+    old = cuda_source(gs.wmma_schedule(func, gs.DEFAULT_TILE, cuda_target("sm_75")), cuda_target("sm_75"))
+    assert "wmma::mma_sync" in old and "cp.async" not in old
+
+
+@pytest.mark.parametrize("tile", gs.TILES, ids=lambda t: f"{t.rows}x{t.cols}k{16 * t.k_frags}")
+def test_every_tile_lowers_on_sm90(tile):
+    func = split_gemm(128, 768, 768, 2)
+    src = cuda_source(gs.wmma_schedule(func, tile, cuda_target("sm_90")), cuda_target("sm_90"))
+    assert "wmma::mma_sync" in src
+    assert ("cp.async" in src) == (gs.pipeline_stages(tile, "float16", cuda_target("sm_90")) > 2)
 
 
 # ------------------------------------------------------------------------------- split-K sum into the layer norm
@@ -110,3 +172,34 @@ def test_cuda_lowering_of_bert_block_end_has_one_kernel_for_sum_and_norm():
     assert "layer_norm" not in prims and not any(name.startswith("fused_split_k_sum") for name in prims)
     assert "1 split-K sum(s) fused into the layer norm that reads them" in ctx.notes
 
+
+def conv_split(c: int, o: int, hw: int, kernel: int, nhwc: bool = False):
+    """split-K's conv (2 slices of the input channels) as a PrimFunc: NCHW float16 or NHWC int8."""
+    from tvm import te
+
+    dtype = "int8" if nhwc else "float16"
+    x = te.placeholder((1, hw, hw, c) if nhwc else (1, c, hw, hw), dtype, name="x")
+    w = te.placeholder((o, kernel, kernel, c) if nhwc else (o, c, kernel, kernel), dtype, name="w")
+    pad = kernel // 2
+    return te.create_prim_func([x, w, gs._split_k_conv(x, w, 2, (1, 1), (pad, pad, pad, pad), (1, 1), (hw, hw), nhwc)])
+
+
+@pytest.mark.parametrize("func", [
+    lambda: conv_split(256, 64, 56, 1),    # ResNet-50's 1x1 conv: channels 3136 elements apart
+    lambda: conv_split(64, 64, 56, 3),     # 3x3: K runs over kernel columns of 3
+    lambda: conv_split(64, 64, 56, 3, nhwc=True),  # int8 NHWC: contiguous channels, but through the padding's gather
+    lambda: split_gemm_b_kn(128, 768, 768, 4),      # B [K, N]: K strided by N
+], ids=["conv1x1", "conv3x3", "conv3x3-nhwc-int8", "b-k-by-n"])
+def test_operands_not_contiguous_along_k_keep_the_register_pipeline(func):
+    """TVM 0.27's InjectPTXAsyncCopy makes one contiguous cp.async of a strided vector load (misaligned addresses on
+    the H200 with ResNet-50): such GEMMs keep the register-staged pipeline."""
+    src = cuda_source(gs.wmma_schedule(func(), gs.DEFAULT_TILE, cuda_target("sm_90")), cuda_target("sm_90"))
+    assert "wmma::mma_sync" in src and "cp.async" not in src
+
+
+def split_gemm_b_kn(m: int, n: int, k: int, s: int):
+    from tvm import te
+
+    a = te.placeholder((m, k), "float16", name="a")
+    b = te.placeholder((k, n), "float16", name="b")
+    return te.create_prim_func([a, b, gs._split_k_gemm(a, b, s, transposed=False)])
