@@ -370,14 +370,14 @@ def _all_blocks(sch):
 
 def split_k_factor(m: int, n: int, k: int, sms: int, tile=None, channels: tuple[int, int] | None = None) -> int:
     """How many slices of K a float16 GEMM of M x N outputs over K gets: the smallest power of two that gives the
-    tile's thread blocks at least one wave of `sms` SMs, each slice at least SPLIT_K_MIN deep and a whole number of
+    tile's thread blocks at least SPLIT_K_WAVES waves of `sms` SMs, each slice at least SPLIT_K_MIN deep and a whole number of
     K steps. A convolution (channels = (input channels, kernel window)) is split along its input channels: the
     slices must divide them. 1: no split (enough blocks already, or K too short)."""
     tile = tile or DEFAULT_TILE
     blocks = -(-m // tile.rows) * -(-n // tile.cols)
     step = FRAG * tile.k_frags
     s = 1
-    while blocks * s < sms and k // (2 * s) >= SPLIT_K_MIN:
+    while blocks * s < SPLIT_K_WAVES * sms and k // (2 * s) >= SPLIT_K_MIN:
         if channels is None and k % (2 * s * step):
             break
         if channels is not None and (channels[0] % (2 * s) or (channels[0] // (2 * s)) % FRAG):
@@ -388,13 +388,17 @@ def split_k_factor(m: int, n: int, k: int, sms: int, tile=None, channels: tuple[
 
 TRANSPOSE_WEIGHTS = True  # split GEMMs read constant weights as B^T [N, K] (their loads along K are contiguous)
 SPLIT_K_MIN = 128  # the shortest K slice (on the H200, ResNet-50 fp16 untuned: 0.627 ms with 128, 0.700 with 256)
+# waves of thread blocks split-K aims at: with the cp.async pipeline, shorter slices in two waves (several blocks per SM
+# at once) took BERT-base fp16 from 0.64-0.71 to 0.55-0.64 ms on the H200 in three calls, int8 0.87 -> 0.82 ms, and left
+# ResNet-50 as it was (docs/benchmarks.md)
+SPLIT_K_WAVES = 2
 # (A, B, output) dtypes of the GEMMs split: ToMixedPrecision's float16 ones and int8_kernels' int8 ones
 SPLIT_DTYPES = {("float16", "float16", "float32"), ("int8", "int8", "int32")}
 CONV_LAYOUTS = {("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")}  # float16 convs are NCHW, int8 ones NHWC
 
 
 def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
-    """Split-K for the float16 GEMMs and convolutions that launch less than a wave of thread blocks (batch 1:
+    """Split-K for the float16 GEMMs and convolutions that launch fewer than SPLIT_K_WAVES waves of thread blocks (batch 1:
     BERT-base's 128 x 768 outputs are 24 blocks of 64 x 64 on 132 SMs, ResNet-50's last 3x3 convs 8), and for
     int8_kernels' int8 ones (int8 operands, int32 partial sums, NHWC convs) alike. On the H200, untuned:
     ResNet-50 fp16 2.29 -> 0.63 ms, BERT-base 3.15 -> 1.16 ms with merge-parallel-matmuls (docs/benchmarks.md).

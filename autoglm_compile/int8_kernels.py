@@ -35,7 +35,7 @@ packed blocks (a register tile, one vpdpbusd per 16x4 block), on AVX-VNNI-only o
 int8 (xq - 128, zx - 128: exact) for sdot, with plain int8 ops; sdot emission there is not verified.
 CUDA (sm_72 and newer): activations are shifted to int8 as on aarch64, and the int8 convs (NHWC) and matmuls run on
 the tensor cores' int8 fragments (gpu_schedules.wmma_schedule: wmma 16x16x16, s8 x s8 -> s32), their K split where
-they launch less than a wave of thread blocks (gpu_schedules.split_k). No tuning is needed for that.
+they launch fewer than two waves of thread blocks (gpu_schedules.split_k). No tuning is needed for that.
 """
 from __future__ import annotations
 

@@ -187,14 +187,14 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
 
             mod = relax.transform.FastMathTransform()(mod)
     if context.split_k and target.kind.name == "cuda" and desc.cuda is not None and desc.cuda.sm_count:
-        from .gpu_schedules import split_k
+        from .gpu_schedules import SPLIT_K_WAVES, split_k
 
         splits: list = []
         mod = split_k(mod, desc.cuda.sm_count, splits=splits)
         if splits:
             factors = sorted({s for _op, s in splits})
             context.notes.append(f"split-K on {sum(op == 'matmul' for op, _ in splits)} matmul(s) and {sum(op == 'conv2d' for op, _ in splits)} conv(s) "
-                                 f"that launch less than a wave of thread blocks on {desc.cuda.sm_count} SMs, in {'/'.join(map(str, factors))} slices")
+                                 f"that launch fewer than {SPLIT_K_WAVES} waves of thread blocks on {desc.cuda.sm_count} SMs, in {'/'.join(map(str, factors))} slices")
     if context.attention_kernel and target.kind.name == "cuda":
         from .gpu_attention import describe, fuse_attention
 

@@ -155,7 +155,7 @@ def test_cuda_lowering_puts_the_int8_gemms_on_tensor_cores(tmp_path):
     prims = {gv.name_hint: f.script() for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     split = [t for name, t in prims.items() if name.startswith("conv2d_split_k")]
     assert len(split) == 2 and all("tvm_mma_sync" in t and 'scope="wmma.matrix_a"' in t and '"int8"' in t for t in split)
-    assert ctx.notes == ["split-K on 0 matmul(s) and 2 conv(s) that launch less than a wave of thread blocks on 132 SMs, in 2/4 slices"]
+    assert ctx.notes == ["split-K on 0 matmul(s) and 2 conv(s) that launch fewer than 2 waves of thread blocks on 132 SMs, in 2/4 slices"]
     assert dot_kernels(lowered, cuda=True) == (2, 3)
     text = describe(summary, dot_kernels(lowered, cuda=True))
     assert "2 Conv and 1 MatMul/Gemm as int8 x int8 -> int32 (int8 activations (uint8 ones shifted by -128)" in text

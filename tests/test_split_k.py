@@ -11,11 +11,11 @@ import pytest
 from autoglm_compile import gpu_schedules as gs
 
 
-@pytest.mark.parametrize("m,n,k,expected", [
-    (128, 768, 3072, 8),   # BERT-base FFN down: 2 x 12 blocks of 64 x 64 -> 192 blocks
+@pytest.mark.parametrize("m,n,k,expected", [  # two waves of 132 SMs: 264 blocks
+    (128, 768, 3072, 16),  # BERT-base FFN down: 2 x 12 blocks of 64 x 64 -> 384 blocks
     (128, 768, 768, 4),    # attention output: 96 blocks; K / 8 would be 96, under SPLIT_K_MIN
-    (128, 3072, 768, 2),   # FFN up: 96 blocks, not a wave yet
-    (128, 2304, 768, 2),   # Q, K and V merged (merge-parallel-matmuls)
+    (128, 3072, 768, 4),   # FFN up: 96 blocks; 192 are not two waves yet
+    (128, 2304, 768, 4),   # Q, K and V merged (merge-parallel-matmuls)
     (49, 512, 4608, 32),   # ResNet-50's last 3x3 convs: 8 blocks (split_k caps it at max_split, 16)
     (4096, 4096, 4096, 1),  # 4096 blocks already
     (128, 768, 96, 1),     # K too short to split
@@ -71,7 +71,7 @@ def test_split_module_computes_what_the_plain_one_does():
 def test_enough_blocks_means_no_split():
     from autoglm_compile.tvm_build import mixed_precision
 
-    mod = gs.split_k(mixed_precision(module(64, 1024, 48), ["w"]), sms=1)
+    mod = gs.split_k(mixed_precision(module(128, 1024, 128), ["w"]), sms=1)  # 4 blocks: two waves of one SM
     assert "matmul_split_k" not in {gv.name_hint for gv in mod.functions}
 
 
@@ -146,7 +146,7 @@ def test_the_report_says_what_was_split(conv_onnx, tmp_path):
     wide = tmp_path / "wide.onnx"
     onnx_wide_conv(wide)
     report = compile_model(CompileOptions(source=str(wide), output=tmp_path / "b", target="nvidia-h100", precision="fp16"))
-    assert report.schedule == ["split-K on 0 matmul(s) and 1 conv(s) that launch less than a wave of thread blocks on 132 SMs, in 16 slices"]
+    assert report.schedule == ["split-K on 0 matmul(s) and 1 conv(s) that launch fewer than 2 waves of thread blocks on 132 SMs, in 16 slices"]
     from autoglm_compile.report import summary_rows
 
     assert ("schedule", report.schedule[0]) in summary_rows(report)
