@@ -56,6 +56,7 @@ class ScheduleConfig(_Strict):
     split_k: bool = Field(True, description="CUDA targets, fp16: split the K of GEMMs that launch fewer than two waves of thread blocks over the target's cuda.sm_count (gpu_schedules.split_k)")
     attention_kernel: bool = Field(True, description="CUDA targets: self-attention (softmax(Q K^T * scale + bias) V over [batch, sequence, heads, head_dim]) as one kernel (gpu_attention.py) instead of five to seven; taken where a head's keys fit the kernel's shared memory")
     cpu_kernels: bool = Field(True, description="llvm targets: float32 convolutions and matmuls get hand-scheduled kernels (cpu_kernels.py: packed weights, register-blocked vector FMAs), which tuning leaves alone; untuned builds also schedule int8 (AVX512-VNNI), softmax/layer-norm, pooling, transpose and elementwise kernels; false: TVM's default loop nests")
+    conv_layout: Literal["NCHW", "NHWC"] = Field("NHWC", description="CUDA targets: the layout of float16 convolutions (gpu_schedules.nhwc_convs): NHWC reads whole runs of channels, which the tensor-core schedule copies with cp.async; NCHW: the ONNX layout")
     winograd: Literal["auto", 0, 2, 4] = Field("auto", description="llvm targets with cpu_kernels: 3x3 stride-1 float32 convolutions as Winograd F(m x m, 3 x 3): m = 2 (2.25x fewer multiplies, the weight 1.8x larger), 4 (4x fewer, 4x larger, more rounding error), auto (4 where the output has at least 32 tiles of 4x4, else 2: cpu_kernels.winograd_tile); 0: direct convolutions")
 
 

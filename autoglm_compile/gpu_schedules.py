@@ -107,7 +107,7 @@ def wmma_schedule(func, tile: Tile, target=None):
     if in_dtype not in WMMA_DTYPES:
         return None
     stages = pipeline_stages(tile, in_dtype, target)
-    if stages > 2 and not _contiguous_along_k(sch, main, 4 if in_dtype == "int8" else 8):
+    if stages > 2 and not _contiguous_along_k(sch, main, 4 if in_dtype == "int8" else 8, padding=in_dtype == "float16"):
         stages = 2
     warp, vector = 32, 4
     # operand elements per thread and load in the async pipeline: 16 bytes of float16 (one cp.async); 4 bytes of int8,
@@ -198,13 +198,14 @@ def wmma_schedule(func, tile: Tile, target=None):
     return None
 
 
-def _contiguous_along_k(sch, main, vector: int) -> bool:
+def _contiguous_along_k(sch, main, vector: int, padding: bool = False) -> bool:
     """Whether both operands of the GEMM block `main` are read `vector` elements at a time from contiguous, aligned
     memory along K: the last index of each read is the innermost reduction variable plus a multiple of `vector`, and
-    the buffer's rows are a multiple of `vector` long; an operand computed in the function must be an elementwise
-    image of its input (a cast), not a gather (a conv's padding or im2col). TVM 0.27's InjectPTXAsyncCopy turns a
-    strided vector load into one contiguous cp.async (ResNet-50's 1x1 convs read channels 3136 apart: misaligned
-    addresses on the H200), so the async pipeline is for such GEMMs only."""
+    the buffer's rows are a multiple of `vector` long. An operand computed in the function must be an elementwise
+    image of its input (a cast) or, with `padding`, a copy whose last index is its input's (an NHWC conv's padding of
+    the spatial dims: the copy is predicated per `vector` channels, cp.async with zero fill). TVM 0.27's
+    InjectPTXAsyncCopy turns a strided vector load into one contiguous cp.async (NCHW ResNet-50's 1x1 convs read
+    channels 3136 apart: misaligned addresses on the H200), so the async pipeline is for such GEMMs only."""
     from tvm import sym
 
     block = sch.get(main)
@@ -222,9 +223,10 @@ def _contiguous_along_k(sch, main, vector: int) -> bool:
         if int(mod.coeff) % vector or int(mod.base) % vector or int(read.source.shape[-1]) % vector:
             return False
         src = producers.get(read.source.name)
-        if src is not None:  # computed in the function: only an elementwise image of one input, index for index
-            if len(src.reads) != 1 or len(src.writes) != 1 or not all(
-                    analyzer.can_prove_equal(a.min, b.min) for a, b in zip(src.reads[0].region, src.writes[0].region)):
+        if src is not None:  # computed in the function: a cast, or (padding) a padding along other dims than the last
+            dims = [-1] if padding else range(len(src.writes[0].region))
+            if len(src.reads) != 1 or len(src.writes) != 1 or len(src.reads[0].region) != len(src.writes[0].region) or not all(
+                    analyzer.can_prove_equal(src.reads[0].region[d].min, src.writes[0].region[d].min) for d in dims):
                 return False
             if int(src.reads[0].source.shape[-1]) % vector or src.reads[0].source.name in producers:
                 return False
@@ -394,7 +396,67 @@ SPLIT_K_MIN = 128  # the shortest K slice (on the H200, ResNet-50 fp16 untuned: 
 SPLIT_K_WAVES = 2
 # (A, B, output) dtypes of the GEMMs split: ToMixedPrecision's float16 ones and int8_kernels' int8 ones
 SPLIT_DTYPES = {("float16", "float16", "float32"), ("int8", "int8", "int32")}
-CONV_LAYOUTS = {("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")}  # float16 convs are NCHW, int8 ones NHWC
+CONV_LAYOUTS = {("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")}  # float16 convs are NHWC (nhwc_convs) or NCHW (conv_layout), int8 ones NHWC
+
+
+def nhwc_convs(mod):
+    """The float16 convolutions as NHWC with OHWI weights (Relax's ConvertLayout, which carries the layout through
+    the elementwise ops and pools after each conv), then consecutive transposes folded (`fold_permutes`; constant
+    weights' transposes fold at build time). In NHWC a conv's im2col reads whole runs of channels, contiguous along
+    K, so its operands can be copied with cp.async (wmma_schedule); in NCHW they are 3136 elements apart in
+    ResNet-50's first stage."""
+    from tvm import relax
+
+    return fold_permutes(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod))
+
+
+def float16_convs(mod) -> int:
+    """How many conv2d calls of mod's Relax functions take float16 data."""
+    import tvm
+    from tvm import relax
+
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+    found = []
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, lambda e: found.append(e) if isinstance(e, relax.Call) and e.op == conv2d
+                                            and str(e.args[0].ty.dtype) == "float16" else None)
+    return len(found)
+
+
+def fold_permutes(mod):
+    """permute_dims(permute_dims(x, p), q) as one permute_dims of x, or as x where the two undo each other; also
+    through a cast between them (ToMixedPrecision's cast of a weight that a Transpose node read):
+    permute_dims(astype(permute_dims(x, p)), q) as astype of the folded permute."""
+    import tvm
+    from tvm import relax
+
+    permute, astype = tvm.ir.Op.get("relax.permute_dims"), tvm.ir.Op.get("relax.astype")
+
+    @relax.expr_functor.mutator
+    class Fold(relax.PyExprMutator):
+        def bound(self, e, op):
+            b = self.lookup_binding(e) if isinstance(e, relax.Var) else None
+            return b if isinstance(b, relax.Call) and b.op == op else None
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != permute or call.attrs.axes is None:
+                return call
+            cast = self.bound(call.args[0], astype)
+            inner = self.bound(cast.args[0] if cast is not None else call.args[0], permute)
+            if inner is None or inner.attrs.axes is None:
+                return call
+            p, q = [int(a) for a in inner.attrs.axes], [int(a) for a in call.attrs.axes]
+            axes = [p[i] for i in q]
+            x = inner.args[0] if axes == list(range(len(axes))) else relax.op.permute_dims(inner.args[0], axes)
+            return relax.op.astype(x, cast.attrs.dtype) if cast is not None else x
+
+    mutator = Fold(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
 
 
 def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):

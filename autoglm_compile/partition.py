@@ -258,9 +258,7 @@ def _compile_segment(job, seg: Segment, types) -> object:
     try:
         mod = import_relax(seg.model, specs)
         step = "lowering"
-        ctx = ScheduleContext(desc=job.target, tune=job.config.tune, progress=job.progress, fp16=job.config.relax_fp16, cuda_graph=bool(job.config.schedule.cuda_graph),
-                          split_k=job.config.schedule.split_k, attention_kernel=job.config.schedule.attention_kernel, cpu_kernels=job.config.schedule.cpu_kernels,
-                          winograd=job.config.schedule.winograd)
+        ctx = ScheduleContext.from_config(job.target, job.config, job.progress)
         try:
             lowered, job.tvm_target = lower(mod, job.target, job.config.schedule.strategy, ctx)
         finally:

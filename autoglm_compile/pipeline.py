@@ -240,9 +240,7 @@ def stage_schedule(job: Job) -> None:
         from .partition import stage_schedule as schedule_segments
 
         return schedule_segments(job)
-    ctx = ScheduleContext(desc=job.target, tune=job.config.tune, progress=job.progress, fp16=job.config.relax_fp16, cuda_graph=bool(job.config.schedule.cuda_graph),
-                          split_k=job.config.schedule.split_k, attention_kernel=job.config.schedule.attention_kernel, cpu_kernels=job.config.schedule.cpu_kernels,
-                          winograd=job.config.schedule.winograd)
+    ctx = ScheduleContext.from_config(job.target, job.config, job.progress)
     ctx.prepack_weights = bool(job.int8 and job.int8.packed)  # int8 kernels read their weights packed (int8_kernels.py)
     try:
         job.lowered, job.tvm_target = lower(job.relax_mod, job.target, job.config.schedule.strategy, ctx)

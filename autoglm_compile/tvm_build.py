@@ -71,9 +71,17 @@ class ScheduleContext:
     cuda_graph: bool = False  # CUDA targets: Relax's RewriteCUDAGraph captures the static kernel sequences
     split_k: bool = False  # CUDA targets, with fp16: gpu_schedules.split_k over the descriptor's cuda.sm_count
     attention_kernel: bool = False  # CUDA targets: self-attention as one kernel (gpu_attention.fuse_attention)
+    conv_layout: str = "NCHW"  # CUDA targets: NHWC runs float16 convs as NHWC/OHWI (gpu_schedules.nhwc_convs)
     cpu_kernels: bool = False  # llvm targets: hand-scheduled float32 conv/matmul kernels (cpu_kernels.py)
     winograd: int | str = 0  # with cpu_kernels: the Winograd output tile of 3x3 stride-1 convs, or auto (cpu_kernels.winograd_tile); 0: direct
     notes: list[str] = field(default_factory=list)  # what the schedule stage did beyond the strategy, for the report
+
+    @classmethod
+    def from_config(cls, desc: TargetDescriptor, config, progress=None) -> "ScheduleContext":
+        """The context for a pipeline build with config (config.PipelineConfig)."""
+        sched = config.schedule
+        return cls(desc=desc, tune=config.tune, progress=progress, fp16=config.relax_fp16, cuda_graph=bool(sched.cuda_graph), split_k=sched.split_k,
+                   attention_kernel=sched.attention_kernel, conv_layout=sched.conv_layout, cpu_kernels=sched.cpu_kernels, winograd=sched.winograd)
 
 
 def register_strategy(name: str, *, takes_context: bool = False):
@@ -175,6 +183,12 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
     target = make_target(desc)
     if context.fp16:
         mod = mixed_precision(mod)
+    if context.conv_layout == "NHWC" and target.kind.name == "cuda":
+        from .gpu_schedules import float16_convs, nhwc_convs
+
+        if float16_convs(mod):
+            mod = nhwc_convs(mod)
+            context.notes.append(f"{float16_convs(mod)} float16 conv(s) as NHWC/OHWI")
     if context.cpu_kernels and target.kind.name == "llvm":
         from .cpu_kernels import rewrite
 

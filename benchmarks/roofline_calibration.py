@@ -15,7 +15,7 @@ Commands:
       Print the estimate of the optimized graph for each target (B replaces the descriptor's bandwidth).
 
   gpu-build MODEL.onnx OUT_DIR [--dim k=v ...] [--target nvidia-h100] [-O O3] [--precision fp16 [--fp16 graph|graph32|relax]]
-            [--cuda-graph] [--tile ROWSxCOLS] [--split-k SMS] [--no-attention-kernel]
+            [--cuda-graph] [--tile ROWSxCOLS] [--split-k SMS] [--no-attention-kernel] [--conv-layout NCHW]
       Build for a CUDA target here, with the weights kept as parameters (graph inputs) so that the library holds
       code only and fits the GPU machine's 64 MiB transfer limit. Writes OUT_DIR/{model.so, graph.onnx, meta.json}:
       graph.onnx is the optimized graph with the weights as inputs (for the ONNX Runtime reference there), and
@@ -99,6 +99,8 @@ def gpu_build(args) -> None:
         t.name = rename.get(t.name, t.name)
     if not args.weights_as_is:
         transpose_matmul_weights(model)
+        if args.conv_layout == "NHWC":
+            transpose_conv_weights(model)
     skel = skeleton(model, min_elements=args.min_elements, input_shapes=shapes)
     data_inputs = [s.as_dict() for s in specs]
     weights = []
@@ -127,7 +129,8 @@ def gpu_build(args) -> None:
         from autoglm_compile import gpu_schedules
 
         gpu_schedules.SPLIT_K_MIN = args.split_k_min
-    sched = ScheduleContext(desc=desc, cuda_graph=args.cuda_graph, split_k=True, attention_kernel=not args.no_attention_kernel)
+    sched = ScheduleContext(desc=desc, cuda_graph=args.cuda_graph, split_k=True, attention_kernel=not args.no_attention_kernel,
+                            conv_layout=args.conv_layout)
     tuning = None
     if args.tuning_db:
         from autoglm_compile.config import TuneConfig
@@ -150,7 +153,7 @@ def gpu_build(args) -> None:
         "estimate": est.model_dump(), "estimate_h200": h200.model_dump(), "preset": args.preset, "tuning": tuning,
         "variant": args.variant or ("tuned" if args.tuning_db else "untuned"),
         "precision": args.precision or "fp32", "fp16": args.fp16 if args.precision == "fp16" else None, "cuda_graph": args.cuda_graph,
-        "split_k_sms": desc.cuda.sm_count,
+        "split_k_sms": desc.cuda.sm_count, "conv_layout": args.conv_layout, "schedule": sched.notes,
     }
     (out / "meta.json").write_text(json.dumps(meta) + "\n")
     print(f"{args.model}: built for {desc.name} in {build_s:.1f} s, library {(out / 'model.so').stat().st_size / 2**20:.1f} MiB, "
@@ -183,6 +186,32 @@ def transpose_matmul_weights(model: onnx.ModelProto) -> int:
     for node in reversed(nodes):
         model.graph.node.insert(0, node)
     return done
+
+
+def transpose_conv_weights(model: onnx.ModelProto) -> int:
+    """Each 4-D weight W[O, I, H, W] that only Convs read becomes W[O, H, W, I] behind a Transpose node: with
+    `--conv-layout NHWC` the build's convs take OHWI weights (gpu_schedules.nhwc_convs), whose transpose folds into
+    this one, so that the library reads the parameter as it is, as a CLI build's folded constants. Returns how many."""
+    from onnx import helper
+
+    inits = {t.name: t for t in model.graph.initializer if len(t.dims) == 4}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for j, x in enumerate(node.input):
+            if x in inits:
+                users.setdefault(x, []).append((node, j))
+    nodes = []
+    for name, uses in users.items():
+        if not all(node.op_type == "Conv" and j == 1 for node, j in uses):
+            continue
+        t = inits[name]
+        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(t).transpose(0, 2, 3, 1)), name))
+        for node, j in uses:
+            node.input[j] = f"{name}_oihw"
+        nodes.append(helper.make_node("Transpose", [name], [f"{name}_oihw"], perm=[0, 3, 1, 2], name=f"{name}_transpose"))
+    for node in reversed(nodes):
+        model.graph.node.insert(0, node)
+    return len(nodes)
 
 
 def gpu_build_int8(args) -> None:
@@ -425,6 +454,8 @@ def main() -> None:
     g.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")
     g.add_argument("--weights-as-is", action="store_true", help="keep MatMul weights [K, N] (default: W^T behind a Transpose, as the CLI's builds read them)")
     g.add_argument("--no-attention-kernel", action="store_true", help="attention on the default kernels (no gpu_attention.fuse_attention)")
+    g.add_argument("--conv-layout", choices=["NCHW", "NHWC"], default="NHWC",
+                   help="NHWC (the CLI's default for CUDA, schedule.conv_layout): float16 convs as NHWC/OHWI (gpu_schedules.nhwc_convs), the conv weights passed OHWI; NCHW: the ONNX layout")
     g.add_argument("--tile", help="ROWSxCOLS: every float16 tensor-core GEMM untuned gets this tile of gpu_schedules.TILES (default: DEFAULT_TILE)")
     q = sub.add_parser("gpu-build-int8")
     q.add_argument("model")

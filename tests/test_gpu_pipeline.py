@@ -203,3 +203,94 @@ def split_gemm_b_kn(m: int, n: int, k: int, s: int):
     a = te.placeholder((m, k), "float16", name="a")
     b = te.placeholder((k, n), "float16", name="b")
     return te.create_prim_func([a, b, gs._split_k_gemm(a, b, s, transposed=False)])
+
+
+# ------------------------------------------------------------------------------------------- NHWC float16 convs
+
+def conv_net(c: int = 32, hw: int = 14, seed: int = 0):
+    """relu(conv3x3(x) + bias) -> conv1x1 -> max_pool, float32 with constant weights (a CLI build's)."""
+    from tvm import relax
+
+    rng = np.random.default_rng(seed)
+    w1 = relax.const((rng.standard_normal((c, c, 3, 3)) * 0.1).astype(np.float32))
+    w2 = relax.const((rng.standard_normal((2 * c, c, 1, 1)) * 0.1).astype(np.float32))
+    bias = relax.const(rng.standard_normal((1, c, 1, 1)).astype(np.float32))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c, hw, hw), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.add(relax.op.nn.conv2d(x, w1, padding=1), bias)))
+            z = bb.emit(relax.op.nn.max_pool2d(relax.op.nn.conv2d(y, w2), pool_size=2, strides=2))
+            out = bb.emit_output(z)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_nhwc_convs_compute_the_same_with_transposes_only_at_the_ends():
+    from tvm import relax
+
+    from autoglm_compile.tvm_build import mixed_precision
+
+    plain = mixed_precision(conv_net())
+    nhwc = gs.nhwc_convs(mixed_precision(conv_net()))
+    assert gs.float16_convs(nhwc) == 2
+    text = nhwc["main"].script()
+    assert text.count('data_layout="NHWC"') == 2 and text.count('kernel_layout="OHWI"') == 2
+    folded = relax.transform.FoldConstant()(nhwc)
+    # the input's transpose to NHWC and the output's back: the weights' and the bias's transposes are folded
+    assert folded["main"].script().count("R.permute_dims") == 2
+    x = np.random.default_rng(1).standard_normal((1, 32, 14, 14)).astype(np.float32)
+    want, got = run_on_cpu(plain, [x]), run_on_cpu(nhwc, [x])
+    assert got.shape == want.shape == (1, 64, 7, 7)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_fold_permutes_through_a_cast():
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3, 4, 5), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))           # NCHW -> NHWC
+            b = bb.emit(relax.op.permute_dims(bb.emit(relax.op.astype(a, "float16")), [0, 3, 1, 2]))  # and back, cast
+            c = bb.emit(relax.op.permute_dims(bb.emit(relax.op.permute_dims(x, [1, 0, 2, 3])), [0, 1, 3, 2]))
+            out = bb.emit_output(relax.Tuple([b, c]))
+        bb.emit_func_output(out)
+    folded = gs.fold_permutes(bb.get())
+    text = folded["main"].script()
+    assert text.count("R.permute_dims") == 1 and "axes=[1, 0, 3, 2]" in text  # b is astype(x); c one permute
+    xs = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    import tvm
+
+    ex = tvm.compile(folded, target="llvm")
+    got_b, got_c = (t.numpy() for t in relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs)))
+    np.testing.assert_array_equal(got_b, xs.astype(np.float16))
+    np.testing.assert_array_equal(got_c, xs.transpose(1, 0, 3, 2))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_nhwc_convs_copy_with_predicated_cp_async(layout):
+    """NHWC: the 3x3 conv's padded im2col rows go to shared memory by cp.async with zero fill (predicated), the 1x1
+    conv's by plain cp.async; NCHW (the ONNX layout, `schedule.conv_layout: NCHW`): no cp.async, no layout note."""
+    from autoglm_compile.target import resolve_target
+    from autoglm_compile.tvm_build import ScheduleContext, build, lower
+
+    desc = resolve_target("nvidia-h100")
+    ctx = ScheduleContext(desc=desc, fp16=True, split_k=True, conv_layout=layout)
+    lowered, target = lower(conv_net(64, 28), desc, "default", ctx)
+    lib = build(lowered, target).executable.mod
+    src = "\n".join(m.inspect_source() for m in _modules(lib) if m.kind == "cuda")
+    assert "wmma::mma_sync" in src
+    if layout == "NHWC":
+        assert "ptx_cp_async_legacy_pred_cg_16" in src and "ptx_cp_async_legacy_cg_16" in src
+        assert "2 float16 conv(s) as NHWC/OHWI" in ctx.notes
+    else:
+        assert "cp.async" not in src and not any("NHWC" in n for n in ctx.notes)
+
+
+def _modules(mod):
+    yield mod
+    for sub in mod.imports:
+        yield from _modules(sub)
