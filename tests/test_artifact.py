@@ -117,6 +117,20 @@ def test_load_matches_onnxruntime(built_artifact):
     np.testing.assert_array_equal(by_keyword, got)
 
 
+def test_calls_reuse_the_input_tensors_with_new_values(built_artifact):
+    out, _, model_path = built_artifact
+    model = autoglm_compile.load(out)
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(3)]
+    firsts = []
+    for x in xs:
+        (got,) = model({"x": x})
+        np.testing.assert_allclose(got, ort_outputs(model_path, {"x": x})[0], rtol=RTOL, atol=ATOL)
+        firsts.append(model._staged[0])
+    assert firsts[0] is firsts[1] is firsts[2]  # one device tensor, refilled each call
+    assert not np.allclose(model({"x": xs[0]})[0], model({"x": xs[1]})[0])
+
+
 def test_run_json_reproduces_output_summary(built_artifact):
     out, report, _ = built_artifact
     result = invoke("run", out, "--json")
