@@ -312,12 +312,103 @@ def tensor_core_rule():
     return TensorCoreMatmul()
 
 
+# A reduction over at most this many elements per output (a pooling window) runs in one thread per output.
+SMALL_REDUCTION = 32
+SMALL_REDUCTION_OUTPUTS = 4096  # ... where the function has at least this many outputs to spread over threads
+
+
+def small_reductions(func) -> bool:
+    """Whether every reduction block of func reduces at most SMALL_REDUCTION elements into each of at least
+    SMALL_REDUCTION_OUTPUTS outputs (constant extents), and it has one: ResNet-50's 3x3 max pool, 9 into 802816."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    try:
+        infos = normalize_prim_func(s_tir.Schedule(func))
+    except Exception:  # a function DLight's analysis does not take
+        return False
+    reductions = [b for b in infos or [] if b.is_reduction()]
+    if not reductions:
+        return False
+    for block in reductions:
+        extents = {"S": 1, "R": 1}
+        for it in block.iters:
+            if not isinstance(it.dom, int) and not isinstance(it.dom, tirx.IntImm):
+                return False
+            if it.kind in extents:
+                extents[it.kind] *= int(it.dom)
+        if extents["R"] > SMALL_REDUCTION or extents["S"] < SMALL_REDUCTION_OUTPUTS:
+            return False
+    return True
+
+
+SMALL_REDUCTION_THREADS = 256
+
+
+def small_reduction_schedule(func, bind: bool = True):
+    """One thread per output, the window reduced in a register and the epilogue (the int8 builds' requantize) in the
+    same kernel: a function of small_reductions with one reduction block and at most one block after it. None where
+    that does not apply. bind=False leaves the loops serial (the same schedule, to run on a CPU)."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
+
+    sch = s_tir.Schedule(func)
+    infos = try_inline(sch, normalize_prim_func(sch))
+    kinds = [b.is_reduction() for b in infos]
+    if kinds not in ([True], [True, False]):
+        return None
+    block = infos[0].block_rv
+    loops = sch.get_loops(block)
+    dom = infos[0].dom_kind()
+    spatial = [loop for loop, kind in zip(loops, dom) if kind == "S"]
+    window = [loop for loop, kind in zip(loops, dom) if kind == "R"]
+    if len(spatial) + len(window) != len(loops) or not window:
+        return None
+    sch.reorder(*spatial, *window)
+    bx, tx = sch.split(sch.fuse(*spatial), factors=[None, SMALL_REDUCTION_THREADS])
+    if bind:
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    if len(infos) == 2:
+        sch.reverse_compute_at(infos[1].block_rv, tx)
+        sch.set_scope(block, 0, "local")
+    sch.decompose_reduction(block, window[0])
+    return sch
+
+
+def small_reduction_rule():
+    """A DLight rule: functions of small_reductions get small_reduction_schedule (else DLight's Fallback schedule,
+    one thread per output with the partial result in global memory). DLight's GeneralReduction would give each output
+    a thread block of 256 threads that reduce its 9 values together (for uint8, the int8 builds' max pool, through
+    shared memory without warp shuffles, which compute-sanitizer's racecheck flags as warp-synchronous hazards)."""
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+
+    fallback = dl.gpu.Fallback()
+
+    class SmallReductions(GPUScheduleRule):
+        def apply(self, func, target, tunable):
+            if not small_reductions(func):
+                return None
+            try:
+                sch = small_reduction_schedule(func)
+            except Exception:  # a shape the schedule does not take: DLight's Fallback
+                sch = None
+            return sch if sch is not None else fallback.apply(func, target, tunable)
+
+    return SmallReductions()
+
+
 def default_schedule_pass():
-    """DLight's ApplyDefaultSchedule with TVM's CUDA rules (relax.backend.cuda.pipeline), tensor_core_rule first, no
-    rule with vectorized bool loads (scalar_bool_loads: wmma_schedule calls it, DLight's rules get scalar_bools)."""
+    """DLight's ApplyDefaultSchedule with TVM's CUDA rules (relax.backend.cuda.pipeline), tensor_core_rule first and
+    small_reduction_rule before the reduction rules, no rule with vectorized bool loads (scalar_bool_loads:
+    wmma_schedule calls it, DLight's rules get scalar_bools)."""
     from tvm.s_tir import dlight as dl
 
-    rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), small_reduction_rule(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
     return dl.ApplyDefaultSchedule(tensor_core_rule(), *(scalar_bools(rule) for rule in rules))
 
 

@@ -294,3 +294,74 @@ def _modules(mod):
     yield mod
     for sub in mod.imports:
         yield from _modules(sub)
+
+
+def pool_module(dtype: str = "float16", hw: int = 112, c: int = 64):
+    """A 3x3 stride-2 max pool (NHWC) with an elementwise epilogue, legalized and fused into one PrimFunc, as
+    ResNet-50's stem pool reaches the schedule."""
+    from tvm import relax
+    from tvm.script import relax as R
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, hw, hw, c), dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.max_pool2d(x, pool_size=(3, 3), strides=(2, 2), padding=(1, 1), layout="NHWC"))
+            z = bb.emit_output(relax.op.multiply(y, relax.const(2, dtype)))
+        bb.emit_func_output(z)
+    return legalized(bb.get(), fuse=False)
+
+
+def _prim_funcs(mod):
+    from tvm import tirx
+
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+
+
+def test_small_reductions_take_pooling_windows_only():
+    from tvm import te
+
+    (pool,) = _prim_funcs(pool_module()).values()
+    assert gs.small_reductions(pool)
+    x = te.placeholder((1, 7, 7, 2048), "float32", name="x")  # the global average pool: 49 into 2048
+    r1, r2 = te.reduce_axis((0, 7)), te.reduce_axis((0, 7))
+    mean = te.compute((1, 2048), lambda n, c: te.sum(x[n, r1, r2, c], axis=[r1, r2]), name="mean")
+    assert not gs.small_reductions(te.create_prim_func([x, mean]))
+    assert not gs.small_reductions(split_gemm(128, 768, 768, 4))  # K slices of 192
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_small_reduction_schedule_computes_the_pool(dtype):
+    """The schedule with its loops serial (bind=False) runs on the CPU: the max over each window, then the epilogue."""
+    import tvm
+
+    (pool,) = _prim_funcs(pool_module(dtype, hw=16, c=8)).values()
+    sch = gs.small_reduction_schedule(pool, bind=False)
+    assert sch is not None
+    f = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target="llvm")
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1, 16, 16, 8)) * 8).astype(dtype) if dtype == "float16" else rng.integers(0, 100, (1, 16, 16, 8)).astype(dtype)
+    out = tvm.runtime.tensor(np.zeros((1, 8, 8, 8), dtype))
+    f(tvm.runtime.tensor(x), out)
+    padded = np.pad(x.astype(np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    want = np.max([padded[:, i:i + 16:2, j:j + 16:2, :] for i in range(3) for j in range(3)], axis=0) * 2
+    np.testing.assert_array_equal(out.numpy().astype(np.float32), want.astype(dtype).astype(np.float32))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_cuda_pool_is_one_kernel_without_shared_memory(dtype):
+    """The default CUDA schedule gives the pool and its epilogue one kernel, a thread per output, no shared-memory
+    reduction across threads (DLight's GeneralReduction: a block of 256 threads per output)."""
+    import tvm
+
+    target = cuda_target("sm_90")
+    mod = pool_module(dtype)
+    with target:
+        scheduled = gs.default_schedule_pass()(mod)
+    (func,) = _prim_funcs(scheduled).values()
+    src = cuda_source(tvm.s_tir.Schedule(func.with_attr("global_symbol", "main")), target)
+    import re
+
+    assert len(re.findall(r"__global__[^;{]*\{", src)) == 1  # one kernel defined (the source declares it first)
+    assert "__shared__" not in src and "pool_max_intermediate_local" in src
