@@ -636,10 +636,9 @@ def _vnni_intrinsic() -> str:
     (tune_worker.fix_vnni_intrinsic)."""
     from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN
 
-    from .tune_worker import fix_vnni_intrinsic, import_tensor_intrinsics
+    from .tune_worker import import_tensor_intrinsics
 
     import_tensor_intrinsics()
-    fix_vnni_intrinsic()  # also when the intrinsics were imported before, without it
     return VNNI_DOT_16x4_INTRIN
 
 

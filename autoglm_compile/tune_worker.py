@@ -60,13 +60,20 @@ def _cheap_inspect_stack():
         inspect.stack = original
 
 
-def import_tensor_intrinsics() -> None:
-    if "tvm.s_tir.tensor_intrin" in sys.modules:
-        return
-    with _cheap_inspect_stack():
-        import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the tensor intrinsics the schedule rules name)
+_VNNI_FIXED = False
 
+
+def import_tensor_intrinsics() -> None:
+    """Register TVM's tensor intrinsics (the schedule rules name them), dot_16x4_vnni as fix_vnni_intrinsic makes it,
+    also where something else imported tvm.s_tir.tensor_intrin first (gpu_schedules' wmma intrinsics do: the VNNI
+    rule's candidates then all failed to build)."""
+    global _VNNI_FIXED
+    if "tvm.s_tir.tensor_intrin" not in sys.modules:
+        with _cheap_inspect_stack():
+            import tvm.s_tir.tensor_intrin  # noqa: F401
+    if not _VNNI_FIXED:
         fix_vnni_intrinsic()
+        _VNNI_FIXED = True
 
 
 def fix_vnni_intrinsic() -> None:
