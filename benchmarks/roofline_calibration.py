@@ -165,36 +165,22 @@ def transpose_matmul_weights(model: onnx.ModelProto) -> int:
     builds have constant weights, which gpu_schedules.split_k reads transposed (folded at build time); with the
     weights as parameters (here) it takes permute_dims(W^T) in the same way, and the library reads W^T. Returns how
     many weights were transposed."""
-    from onnx import helper
-
-    inits = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
-    users: dict[str, list] = {}
-    for node in model.graph.node:
-        for j, x in enumerate(node.input):
-            if x in inits:
-                users.setdefault(x, []).append((node, j))
-    done, nodes = 0, []
-    for name, uses in users.items():
-        if not all(node.op_type == "MatMul" and j == 1 for node, j in uses):
-            continue
-        t = inits[name]
-        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(t).T), name))
-        for node, j in uses:
-            node.input[j] = f"{name}_kn"
-        nodes.append(helper.make_node("Transpose", [name], [f"{name}_kn"], perm=[1, 0], name=f"{name}_transpose"))
-        done += 1
-    for node in reversed(nodes):
-        model.graph.node.insert(0, node)
-    return done
+    return _store_weights_transposed(model, "MatMul", store=(1, 0), read=(1, 0), suffix="kn")
 
 
 def transpose_conv_weights(model: onnx.ModelProto) -> int:
     """Each 4-D weight W[O, I, H, W] that only Convs read becomes W[O, H, W, I] behind a Transpose node: with
     `--conv-layout NHWC` the build's convs take OHWI weights (gpu_schedules.nhwc_convs), whose transpose folds into
     this one, so that the library reads the parameter as it is, as a CLI build's folded constants. Returns how many."""
+    return _store_weights_transposed(model, "Conv", store=(0, 2, 3, 1), read=(0, 3, 1, 2), suffix="oihw")
+
+
+def _store_weights_transposed(model: onnx.ModelProto, op_type: str, store: tuple, read: tuple, suffix: str) -> int:
+    """Each initializer of len(store) dims that only op_type nodes read as their input 1 is stored transposed by
+    `store`, and read through a Transpose by `read` (its inverse) inserted first in the graph. Returns how many."""
     from onnx import helper
 
-    inits = {t.name: t for t in model.graph.initializer if len(t.dims) == 4}
+    inits = {t.name: t for t in model.graph.initializer if len(t.dims) == len(store)}
     users: dict[str, list] = {}
     for node in model.graph.node:
         for j, x in enumerate(node.input):
@@ -202,13 +188,13 @@ def transpose_conv_weights(model: onnx.ModelProto) -> int:
                 users.setdefault(x, []).append((node, j))
     nodes = []
     for name, uses in users.items():
-        if not all(node.op_type == "Conv" and j == 1 for node, j in uses):
+        if not all(node.op_type == op_type and j == 1 for node, j in uses):
             continue
         t = inits[name]
-        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(t).transpose(0, 2, 3, 1)), name))
+        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(t).transpose(store)), name))
         for node, j in uses:
-            node.input[j] = f"{name}_oihw"
-        nodes.append(helper.make_node("Transpose", [name], [f"{name}_oihw"], perm=[0, 3, 1, 2], name=f"{name}_transpose"))
+            node.input[j] = f"{name}_{suffix}"
+        nodes.append(helper.make_node("Transpose", [name], [f"{name}_{suffix}"], perm=list(read), name=f"{name}_transpose"))
     for node in reversed(nodes):
         model.graph.node.insert(0, node)
     return len(nodes)

@@ -8,12 +8,16 @@ from pathlib import Path
 import numpy as np
 
 
-def _lift_constants():
+def _calibration_module():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "roofline_calibration.py"
     spec = importlib.util.spec_from_file_location("roofline_calibration", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.lift_constants
+    return module
+
+
+def _lift_constants():
+    return _calibration_module().lift_constants
 
 
 def test_each_large_constant_becomes_its_own_parameter():
@@ -79,3 +83,35 @@ def test_int8_matmul_weights_lift_transposed():
     got = run(lifted, feed, np.ascontiguousarray(w8.T), emb)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+def test_weights_stored_transposed_compute_the_same():
+    """gpu-build stores MatMul weights as W^T and conv weights as OHWI, each read back through a Transpose: the
+    graph computes what it did (ONNX Runtime), and the initializers hold the transposed arrays."""
+    import onnx
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    wc = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    wm = rng.standard_normal((6, 5)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Reshape", ["c", "shape"], ["r"]),
+             helper.make_node("Slice", ["r", "zero", "six", "axis1"], ["s"]), helper.make_node("MatMul", ["s", "wm"], ["y"])]
+    inits = [numpy_helper.from_array(wc, "wc"), numpy_helper.from_array(wm, "wm"), numpy_helper.from_array(np.array([8, 16], np.int64), "shape"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([6], np.int64), "six"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+
+    def run(m):
+        return onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    want = run(model)
+    module = _calibration_module()
+    assert module.transpose_matmul_weights(model) == 1 and module.transpose_conv_weights(model) == 1
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(stored["wm"], wm.T)
+    np.testing.assert_array_equal(stored["wc"], wc.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(run(model), want, rtol=1e-6, atol=1e-6)
