@@ -380,24 +380,21 @@ def small_reduction_schedule(func, bind: bool = True):
 
 
 def small_reduction_rule():
-    """A DLight rule: functions of small_reductions get small_reduction_schedule (else DLight's Fallback schedule,
-    one thread per output with the partial result in global memory). DLight's GeneralReduction would give each output
-    a thread block of 256 threads that reduce its 9 values together (for uint8, the int8 builds' max pool, through
-    shared memory without warp shuffles, which compute-sanitizer's racecheck flags as warp-synchronous hazards)."""
-    from tvm.s_tir import dlight as dl
+    """A DLight rule: functions of small_reductions get small_reduction_schedule; None (the next rule decides) for the
+    others, and for those the schedule does not take (several reductions, as a softmax over short rows). DLight's
+    GeneralReduction would give each output a thread block of 256 threads that reduce its 9 values together (for
+    uint8, the int8 builds' max pool, through shared memory without warp shuffles, which compute-sanitizer's
+    racecheck flags as warp-synchronous hazards)."""
     from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
-
-    fallback = dl.gpu.Fallback()
 
     class SmallReductions(GPUScheduleRule):
         def apply(self, func, target, tunable):
             if not small_reductions(func):
                 return None
             try:
-                sch = small_reduction_schedule(func)
-            except Exception:  # a shape the schedule does not take: DLight's Fallback
-                sch = None
-            return sch if sch is not None else fallback.apply(func, target, tunable)
+                return small_reduction_schedule(func)
+            except Exception:  # a shape the schedule does not take: the next rule
+                return None
 
     return SmallReductions()
 

@@ -365,3 +365,22 @@ def test_cuda_pool_is_one_kernel_without_shared_memory(dtype):
 
     assert len(re.findall(r"__global__[^;{]*\{", src)) == 1  # one kernel defined (the source declares it first)
     assert "__shared__" not in src and "pool_max_intermediate_local" in src
+
+
+def test_small_reduction_rule_leaves_several_reductions_to_dlight():
+    """A softmax over short rows (a max and a sum, 16 elements each, into 4096 rows) passes small_reductions, and the
+    rule still returns None for it: the next DLight rule schedules it, as before."""
+    from tvm import relax
+    from tvm.script import relax as R
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((4096, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.softmax(x))
+        bb.emit_func_output(y)
+    (softmax,) = _prim_funcs(legalized(bb.get(), fuse=False)).values()
+    (pool,) = _prim_funcs(pool_module()).values()
+    rule, target = gs.small_reduction_rule(), cuda_target("sm_90")
+    assert gs.small_reductions(softmax) and rule.apply(softmax, target, False) is None
+    assert rule.apply(pool, target, False) is not None
