@@ -168,8 +168,8 @@ def _const(expr) -> np.ndarray | None:
 def rewrite(mod, target):
     """(mod with int8 Conv/MatMul where the target has an int8 dot product, Int8Summary). Without one the module is
     returned as it is, and the summary counts every Conv/MatMul as float. With it, TVM's FastMathTransform also
-    turns erf, exp, tanh and softmax into topi's vectorizable approximations (LLVM calls libm's erff/expf per
-    element, which made BERT-base's GELU 64 % of the int8 run); their outputs are requantized to 8 bits anyway."""
+    turns erf, exp, tanh and softmax into topi's vectorizable approximations on CPUs (LLVM calls libm's erff/expf
+    per element, which made BERT-base's GELU 64 % of the int8 run); their outputs are requantized to 8 bits anyway."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -399,7 +399,10 @@ def rewrite(mod, target):
     if not summary.rewritten:
         return mod, summary
     folded = relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewriter.builder_.get()))  # constant biases
-    return relax.transform.FastMathTransform()(singleton_qparams(sink_transposes(folded))), summary
+    out = singleton_qparams(sink_transposes(folded))
+    if instruction == CUDA_INT8:  # CUDA's expf/erff are fast, and the attention kernel's pattern takes nn.softmax, not topi's
+        return out, summary
+    return relax.transform.FastMathTransform()(out), summary
 
 
 def singleton_qparams(mod):

@@ -398,6 +398,53 @@ def _keep_float_nodes(prepared: onnx.ModelProto, keep: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+SCORE_OPS = ("Mul", "Div", "Add", "Cast")  # between attention's score MatMul and its Softmax: the scale and the mask
+LAYOUT_OPS = ("Transpose", "Reshape", "Cast")  # between the projections and attention's MatMuls
+
+
+def attention_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes of each self-attention, softmax(Q K^T * scale + mask) V: the score MatMul, the scale and mask ops, the
+    Softmax, the P x V MatMul, and the Transposes/Reshapes that lead Q, K and V into them and the output out. On CUDA
+    targets they stay float, so that the attention kernel (gpu_attention.fuse_attention, which takes no quantize or
+    dequantize along its pattern) runs them; int8_kernels keeps attention's two-activation MatMuls float there anyway."""
+    producer, consumers = _neighbours(model)
+
+    def chain(tensor: str, forward: bool) -> list:
+        nodes = []
+        while True:
+            if forward:
+                nxt = consumers.get(tensor, [])
+                if len(nxt) != 1 or nxt[0].op_type not in LAYOUT_OPS:
+                    return nodes
+                n = nxt[0]
+                tensor = n.output[0]
+            else:
+                n = producer.get(tensor)
+                if n is None or n.op_type not in LAYOUT_OPS or len(consumers.get(n.output[0], [])) != 1:
+                    return nodes
+                tensor = n.input[0]
+            nodes.append(n)
+
+    out = []
+    for sm in (n for n in model.graph.node if n.op_type == "Softmax"):
+        after = consumers.get(sm.output[0], [])
+        if len(after) != 1 or after[0].op_type != "MatMul" or after[0].input[0] != sm.output[0]:
+            continue
+        pv, scores, t = after[0], [], sm.input[0]
+        while t in producer and producer[t].op_type in SCORE_OPS:
+            scores.append(producer[t])
+            t = producer[t].input[0]
+        qk = producer.get(t)
+        if qk is None or qk.op_type != "MatMul":
+            continue
+        found = [qk, *scores, sm, pv]
+        for x in (qk.input[0], qk.input[1], pv.input[1]):
+            found += chain(x, forward=False)
+        found += chain(pv.output[0], forward=True)
+        out += [n.name for n in found if n.name not in out]
+    return out
+
+
 def _neighbours(prepared: onnx.ModelProto):
     producer, consumers = {}, defaultdict(list)
     for n in prepared.graph.node:
@@ -451,6 +498,8 @@ def quantize_graph(job) -> None:
         note(f"int8: preparing (opset {opset_before}, per-channel {per_channel})")
         prepared, prepared_path = prepare(job.model, per_channel, ir, folder)
         keep = _keep_float_nodes(prepared, cfg.keep_float)
+        attention = attention_nodes(prepared) if target.kind == "cuda" and target.backend == "tvm" and job.config.schedule.attention_kernel else []
+        keep += [n for n in attention if n not in keep]
         cache = folder / "calibration.json"
 
         def run(exclude: list[str]) -> tuple[onnx.ModelProto, float]:
@@ -498,7 +547,8 @@ def quantize_graph(job) -> None:
                 k *= 2
         value, qdq, tensors, best_round = best
     producer, consumers = _neighbours(prepared)
-    protected = [ProtectedNode(name=n, op=next(x.op_type for x in prepared.graph.node if x.name == n), reason="keep_float in the config") for n in keep]
+    reasons = {n: "self-attention on a CUDA target: the attention kernel runs it in float (schedule.attention_kernel)" for n in attention}
+    protected = [ProtectedNode(name=n, op=next(x.op_type for x in prepared.graph.node if x.name == n), reason=reasons.get(n, "keep_float in the config")) for n in keep]
     listed = set(keep)
     for rank, t in enumerate(tensors, 1):
         cos, db = info.get(t, (None, None))

@@ -204,3 +204,31 @@ def test_the_report_names_the_fused_attentions_and_the_config_turns_them_off(tmp
     cfg.write_text("extends: O2\nschedule: {attention_kernel: false}\n")
     report = compile_model(CompileOptions(source=str(model), output=tmp_path / "b", target="nvidia-h100", precision="fp16", dims=dims, config_path=cfg))
     assert not any("self-attention" in line for line in report.schedule)
+
+
+@needs_nvcc
+def test_int8_cuda_build_keeps_attention_float_for_the_kernel(tmp_path):
+    """int8 for CUDA: the QDQ model leaves each self-attention float (quantize.attention_nodes: no quantize or
+    dequantize along the kernel's pattern, and no FastMathTransform softmax), the report lists those nodes with the
+    reason, and the lowering runs both attentions as the kernel; a CPU int8 build quantizes them."""
+    import onnx
+
+    from autoglm_compile.pipeline import CompileOptions, compile_model
+    from autoglm_compile.quantize import attention_nodes
+    from autoglm_compile.zoo import bert_tiny
+
+    model = bert_tiny(tmp_path / "bert.onnx")
+    dims = ["batch=1", "sequence=16"]
+    report = compile_model(CompileOptions(source=str(model), output=tmp_path / "a", target="nvidia-h100", precision="int8", calib_synthetic=True, dims=dims))
+    assert "2 self-attention(s) as one kernel each (2 heads x 16 x 16, head_dim 64, float32)" in report.schedule
+    kept = [p for p in report.quantization.protected if p.reason.startswith("self-attention on a CUDA target")]
+    assert sorted({p.op for p in kept}) == ["Add", "MatMul", "Mul", "Reshape", "Softmax", "Transpose"]
+    assert sum(p.op == "Softmax" for p in kept) == 2 and sum(p.op == "MatMul" for p in kept) == 4
+    qdq = onnx.load(str(tmp_path / "a" / "model.opt.onnx"))
+    assert not set(attention_nodes(qdq)) - {p.name for p in kept}  # the same nodes, found again in the QDQ model
+    producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
+    for node in qdq.graph.node:
+        if node.op_type in ("Softmax", "MatMul") and node.name in {p.name for p in kept}:
+            assert not any(producers.get(i) == "DequantizeLinear" for i in node.input)
+    cpu = compile_model(CompileOptions(source=str(model), output=tmp_path / "c", target="host", precision="int8", calib_synthetic=True, dims=dims, runs=1))
+    assert not any(p.reason.startswith("self-attention") for p in cpu.quantization.protected)
