@@ -122,14 +122,9 @@ class CompiledModel:
     def _stage(self, arrays: list[np.ndarray]) -> list:
         """The inputs copied into device tensors kept from the last call where shapes and dtypes match (a new
         allocation per call costs a cudaMalloc and a cudaFree on GPUs), else new ones."""
-        for i, a in enumerate(arrays):
-            if i < len(self._staged) and tuple(self._staged[i].shape) == a.shape and str(self._staged[i].dtype) == str(a.dtype):
-                self._staged[i].copyfrom(a)
-            elif i < len(self._staged):
-                self._staged[i] = self._tensor(a, device=self.device)
-            else:
-                self._staged.append(self._tensor(a, device=self.device))
-        del self._staged[len(arrays):]
+        kept = self._staged + [None] * (len(arrays) - len(self._staged))
+        self._staged = [t.copyfrom(a) if t is not None and tuple(t.shape) == a.shape and str(t.dtype) == str(a.dtype)
+                        else self._tensor(a, device=self.device) for t, a in zip(kept, arrays)]
         return list(self._staged)
 
     def profile(self, feeds: dict[str, np.ndarray], runs: int = 10, warmup: int = 2) -> list[KernelTime]:

@@ -186,9 +186,10 @@ def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext |
     if context.conv_layout == "NHWC" and target.kind.name == "cuda":
         from .gpu_schedules import float16_convs, nhwc_convs
 
-        if float16_convs(mod):
+        convs = float16_convs(mod)
+        if convs:
             mod = nhwc_convs(mod)
-            context.notes.append(f"{float16_convs(mod)} float16 conv(s) as NHWC/OHWI")
+            context.notes.append(f"{convs} float16 conv(s) as NHWC/OHWI")
     if context.cpu_kernels and target.kind.name == "llvm":
         from .cpu_kernels import rewrite
 

@@ -3,6 +3,7 @@ pipeline_stages, on sm_80 and newer) and split-K's sum fused into the layer norm
 (gpu_schedules.fuse_split_k_sums): the fused module computes what the unfused one does, on the CPU."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -361,8 +362,6 @@ def test_cuda_pool_is_one_kernel_without_shared_memory(dtype):
         scheduled = gs.default_schedule_pass()(mod)
     (func,) = _prim_funcs(scheduled).values()
     src = cuda_source(tvm.s_tir.Schedule(func.with_attr("global_symbol", "main")), target)
-    import re
-
     assert len(re.findall(r"__global__[^;{]*\{", src)) == 1  # one kernel defined (the source declares it first)
     assert "__shared__" not in src and "pool_max_intermediate_local" in src
 
