@@ -130,8 +130,10 @@ class PrecisionConfig(_Strict):
     keep_float: list[str] = Field(default_factory=list, description="node names or op types never quantized")
     budget: str | None = Field(None, description="accuracy budget, e.g. 'cosine>=0.995', 'max-rel<=0.02', 'top1-agree>=0.99'; None: the precision's default")
     per_channel: bool = Field(True, description="per-channel weights (opset 13 or later; the graph is upgraded where needed)")
-    max_rounds: int = Field(8, ge=0, description="protection rounds; round k keeps the 2^(k-1) worst activation tensors in float")
-    scan: int = Field(128, ge=0, description="activation tensors whose contribution to the output error is measured one by one; with more candidates, those with the lowest quantization SQNR")
+    max_rounds: int = Field(256, ge=0, description="protection trials: each measures, on ONNX Runtime, the QDQ model with one set of activation tensors in float (quantize.search); 0: no protection")
+    margin: float = Field(0.1, ge=0, lt=1, description="the protection search meets the budget with this share of the way to a perfect metric to spare (cosine>=0.99: 0.991), since the TVM build's int8 arithmetic rounds differently from ONNX Runtime's; 0: none")
+    search_calibration: int = Field(4, ge=0, description="calibration samples the protection search checks besides the sample inputs (those that every node quantized hurts most), so that what it keeps in float holds on more than the few sample inputs")
+    scan: int = Field(128, ge=0, description="activation tensors whose contribution to the output error is measured one by one, to order the protection search; with more candidates, those with the lowest quantization SQNR (the others are ordered by their SQNR)")
     fp16: Literal["graph", "relax"] | None = Field(None, description="how fp16 is made: graph (the convert-float16 pass; float16 accumulation in TVM's kernels) or relax (TVM's ToMixedPrecision: float16 operands, float32 accumulation in conv/matmul; TVM targets); None: relax on CUDA targets, graph elsewhere")
 
     @field_validator("budget")
@@ -175,8 +177,9 @@ class PipelineConfig(_Strict):
 
     @property
     def relax_fp16(self) -> bool:
-        """fp16 made by ToMixedPrecision at the Relax level (precision.fp16 relax), not by a graph pass."""
-        return self.precision_config.mode == "fp16" and self.precision_config.fp16 == "relax"
+        """fp16 made by ToMixedPrecision at the Relax level (precision.fp16 relax), not by a graph pass: an fp16
+        build, or the float part of a mixed one."""
+        return self.precision_config.mode in ("fp16", "mixed") and self.precision_config.fp16 == "relax"
 
     def _pass_precision(self) -> str:
         found = [PRECISION_PASSES[p.name] for p in self.passes if p.name in PRECISION_PASSES]
@@ -360,6 +363,9 @@ def load_config(preset: str = DEFAULT_PRESET, path: str | Path | None = None, pr
     method = section.get("fp16") or ("relax" if relax_fp16 and not converts else None)
     if mode == "fp16" and method == "relax":
         section = {**section, "mode": "fp16", "fp16": "relax"}
+        data = {**data, "precision": section}
+    elif mode == "mixed" and method == "relax":  # the nodes left in float run in float16 (ToMixedPrecision)
+        section = {**section, "fp16": "relax"}
         data = {**data, "precision": section}
     elif mode == "fp16":
         wanted = {v: k for k, v in PRECISION_PASSES.items()}

@@ -52,6 +52,12 @@ class Budget(BaseModel):
             return False
         return value >= self.threshold if self.op == ">=" else value <= self.threshold
 
+    def tightened(self, share: float) -> "Budget":
+        """The budget moved `share` of the way towards a perfect value (1 for cosine and top1-agree, 0 for the
+        errors): cosine>=0.99 tightened by 0.1 is cosine>=0.991, max-rel<=0.02 is max-rel<=0.018."""
+        t = self.threshold + share * (1.0 - self.threshold) if self.op == ">=" else self.threshold * (1.0 - share)
+        return self.model_copy(update={"threshold": t})
+
     def worse(self, a: float, b: float) -> float:
         """The worse of two metric values (NaN is the worst)."""
         if a != a or b != b:
@@ -148,15 +154,16 @@ class ProtectedNode(BaseModel):
     tensor: str | None = Field(None, description="the activation tensor whose quantization the node was protected for")
     alone_cosine: float | None = Field(None, description="output cosine to fp32 with only that tensor quantized (its own contribution)")
     local_sqnr_db: float | None = Field(None, description="that tensor's quantization SQNR on the float activations")
-    round: int | None = None
+    round: int | None = Field(None, description="the protection trial that kept it in float")
+    trial_value: float | None = Field(None, description="the budget's metric in that trial, with the tensor quantized on top of the final set")
 
 
 class ProtectionRound(BaseModel):
     round: int
-    tensors: int = Field(description="activation tensors kept in float (the worst by contribution)")
-    float_nodes: int = Field(description="nodes excluded from quantization, keep_float ones included")
-    value: float = Field(description="the budget's metric on ONNX Runtime, QDQ model against the fp32 reference")
-    holds: bool
+    tensors: int = Field(description="activation tensors kept in float (round 0: none; round 1: all of them)")
+    float_nodes: int = Field(description="nodes that write or read those tensors in float, keep_float ones included")
+    value: float = Field(description="the budget's metric on ONNX Runtime, QDQ model against the fp32 reference (the search's trials: on its inputs, search_budget)")
+    holds: bool = Field(description="round 0: the budget; the search's trials: the search's budget (search_budget)")
 
 
 class QuantizationReport(BaseModel):
@@ -174,6 +181,7 @@ class QuantizationReport(BaseModel):
     protected: list[ProtectedNode] = Field(default_factory=list)
     rounds: list[ProtectionRound] = Field(default_factory=list)
     scanned: int = Field(0, description="activation tensors whose contribution was measured one by one")
+    search_budget: str | None = Field(None, description="what the protection search held: the budget tightened by precision.margin")
     candidates: int = Field(0, description="quantized activation tensors")
     int8_kernels: str
     seconds: float = 0.0

@@ -24,15 +24,22 @@ the artifact's model.opt.onnx holds:
    switch input, and runs once per tensor. At most `scan` tensors are measured when there are more: first those
    whose range is so stretched that most of their non-zero values quantize to zero or their values use at most
    16 levels (an attention mask's -3.4e38 added to the scores: their SQNR is high, since the huge values dominate
-   the norm), then those with the lowest quantization SQNR on the float activations (one run).
-6. Protection rounds, at most `max_rounds`: round k keeps the 2^(k-1) tensors with the largest contribution in
-   float, by excluding each one's producer and consumers from quantization (so the tensor itself is never
-   quantized; excluding a single node leaves the tensors around it quantized for its neighbours), re-quantizes and
-   measures again; it stops at the first round that meets the budget. The best round is kept. A default budget
-   still unmet is exit 3 (nothing written); a budget the user gave is exit 4 (the artifact holds the best round).
+   the norm), then those with the lowest quantization SQNR on the float activations (one run). This orders the
+   candidates, the least harmful first: those not measured by their SQNR, then the measured ones by contribution.
+6. The protection search (`search`), at most `max_rounds` trials, each one the QDQ model with a set of activation
+   tensors left in float (their QuantizeLinear/DequantizeLinear pairs removed, `float_tensors`; the weights stay
+   int8) measured on ONNX Runtime: it starts with every activation in float and quantizes them back in that order,
+   in batches that are kept only while the budget holds, with `margin` to spare (cosine>=0.99: 0.991; the TVM
+   build's int8 arithmetic rounds differently), on the verification inputs and the `search_calibration`
+   calibration samples that every node quantized hurts most (on a few sample inputs alone the search overfits
+   them). A single tensor that breaks it stays in
+   float, with the metric it gave. So every accepted step meets the budget, whether or not the errors of separate
+   tensors add up. A default budget still unmet is exit 3 (nothing written); a budget the user gave is exit 4
+   (the artifact holds the best model found).
 
 Nodes named in `keep_float` (node names or op types) are never quantized. The report lists every node kept in float,
-with the tensor it was kept for, that tensor's measured contribution and SQNR, and the round.
+with the tensor it was kept for, the metric the search measured with that tensor quantized, its contribution
+and SQNR.
 
 TVM: the Relax ONNX importer maps QuantizeLinear/DequantizeLinear to relax.op.quantize/dequantize, and the Conv,
 MatMul and Gemm between them take the dequantized float32 tensors: the int8 model is simulated in float. The report
@@ -271,20 +278,27 @@ def evaluate(model: onnx.ModelProto, feeds: list[dict], refs: list[list[np.ndarr
 
 
 def activation_qparams(qdq: onnx.ModelProto, prepared: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Scale and zero point of each quantized float32 activation tensor of the prepared model, from the QDQ model."""
+    """Scale and zero point of each quantized float32 activation tensor of the prepared model, from the QDQ model.
+    A graph output that is quantized keeps its name on the DequantizeLinear's output (its producer writes
+    '<name>_QuantizeLinear_Input'); it is listed under its own name."""
     inits = {i.name: i for i in qdq.graph.initializer}
     produced = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
     weights = {i.name for i in prepared.graph.initializer}
+    outputs = {o.name for o in prepared.graph.output}
+    dq_output = {n.input[0]: n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
     out = {}
     for n in qdq.graph.node:
-        if n.op_type != "QuantizeLinear" or n.input[0] not in produced or n.input[0] in weights or n.input[0] in out:
+        if n.op_type != "QuantizeLinear":
+            continue
+        name = n.input[0] if n.input[0] in produced else dq_output.get(n.output[0])
+        if name not in produced or name in weights or name in out or (name != n.input[0] and name not in outputs):
             continue
         if n.input[1] not in inits or (len(n.input) > 2 and n.input[2] and n.input[2] not in inits):
             continue
         scale = numpy_helper.to_array(inits[n.input[1]])
         zp = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else np.zeros((), np.uint8)
         if scale.size == 1 and zp.size == 1:
-            out[n.input[0]] = (scale.reshape(()), zp.reshape(()))
+            out[name] = (scale.reshape(()), zp.reshape(()))
     return out
 
 
@@ -378,6 +392,106 @@ def contributions(prepared: onnx.ModelProto, units: list[str], qparams: dict, fe
 
 
 # ------------------------------------------------------------------------------------------------ protection
+
+def float_tensors(qdq: onnx.ModelProto, tensors, prepared: onnx.ModelProto) -> onnx.ModelProto:
+    """The QDQ model with the activation tensors in `tensors` left in float: their QuantizeLinear/DequantizeLinear
+    pairs removed, the readers of the dequantized tensor reading the float one. Everything else keeps its
+    quantization (the weights of the nodes around such a tensor too), so a Conv whose output stays float still
+    computes in int8 on TVM. quantize_static drops a Relu or Clip whose input is quantized and lets the
+    QuantizeLinear's range do the clamping (its producer then writes the Relu's output name); where such a tensor's
+    pair is removed, the Relu/Clip of the prepared model comes back in place of the DequantizeLinear."""
+    names = set(tensors)
+    g = qdq.graph
+    readers = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            readers[i].append(n)
+    present = {n.name for n in g.node}
+    dropped = {n.output[0]: n for n in prepared.graph.node if n.op_type in ("Relu", "Clip") and n.name not in present}
+    source = {n.output[0]: n.input[0] for n in g.node
+              if n.op_type == "QuantizeLinear" and readers[n.output[0]] and all(r.op_type == "DequantizeLinear" for r in readers[n.output[0]])
+              and (n.input[0] in names or any(r.output[0] in names for r in readers[n.output[0]]))}  # a graph output: see activation_qparams
+    m = onnx.ModelProto()
+    m.CopyFrom(qdq)
+    inits = {i.name for i in m.graph.initializer}
+    prepared_inits = {i.name: i for i in prepared.graph.initializer}
+    rename, nodes = {}, []
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear" and n.output[0] in source:
+            continue
+        if n.op_type == "DequantizeLinear" and n.input[0] in source:
+            t = source[n.input[0]]
+            act = dropped.get(t) or dropped.get(n.output[0])  # a graph output keeps its name on the DequantizeLinear
+            if act is None:
+                rename[n.output[0]] = t
+                continue
+            nodes.append(helper.make_node(act.op_type, [t, *act.input[1:]], [n.output[0]], name=f"{act.name}__restored"))
+            nodes[-1].attribute.extend(act.attribute)
+            for extra in act.input[1:]:
+                if extra and extra not in inits and extra in prepared_inits:
+                    m.graph.initializer.append(prepared_inits[extra])
+                    inits.add(extra)
+            continue
+        nodes.append(n)
+    for n in nodes:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+    nodes += [helper.make_node("Identity", [rename[o.name]], [o.name]) for o in m.graph.output if o.name in rename]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+def hardest(qdq: onnx.ModelProto, model: onnx.ModelProto, samples: list[dict], budget: Budget, n: int) -> tuple[list[dict], list[list[np.ndarray]]]:
+    """The n calibration samples on which the QDQ model (every node quantized) is furthest from the float model, by
+    the budget's metric, and the float model's outputs on them (ONNX Runtime both)."""
+    from .measure import ort_session
+
+    if n <= 0 or not samples:
+        return [], []
+    float_sess, q_sess = ort_session(model), ort_session(qdq)
+    refs = [float_sess.run(None, f) for f in samples]
+    values = [budget_value(budget, q_sess.run(None, f), r) for f, r in zip(samples, refs)]
+    sign = 1.0 if budget.op == ">=" else -1.0
+    worst = sorted(range(len(samples)), key=lambda i: sign * values[i] if values[i] == values[i] else -np.inf)[:n]
+    return [samples[i] for i in worst], [refs[i] for i in worst]
+
+
+def search(order: list[str], measure, budget: Budget, max_trials: int, note) -> tuple[list[str], float, list[tuple[list[str], float]], dict[str, tuple[int, float]]]:
+    """Which activation tensors stay in float; measure(tensors) is the budget's metric with those in float. `order`
+    lists the candidates, the least harmful first. It starts from every one in float (the weights alone quantized)
+    and quantizes them in that order, in batches: a batch is kept when the budget still holds with it, and halved
+    when not (doubled after one that held); a single tensor that breaks the budget stays in float. Every accepted
+    step holds the budget, so the errors of separate tensors need not add up (on the PP-OCRv4 detector they partly
+    cancel: keeping the worst tensors in float first, the other way round, made the output worse). At most
+    `max_trials` measurements; what is left when they run out stays in float. Returns the float tensors, their
+    metric, every trial (its float tensors and metric), and for each tensor that broke the budget, the trial
+    (1-based) and the metric it gave."""
+    floats = list(order)
+    value = measure(floats)
+    trials = [(list(floats), value)]
+    note(f"int8: every activation in float, the weights in int8: {budget.metric} {value:.6g}")
+    failed: dict[str, tuple[int, float]] = {}
+    if not budget.holds(value):
+        return floats, value, trials, failed
+    i, step = 0, max(1, (len(order) + 1) // 2)  # quantizing all of them at once is the model that failed already
+    while i < len(order) and len(trials) < max_trials:
+        step = min(step, len(order) - i)
+        batch = set(order[i:i + step])
+        trial = [t for t in floats if t not in batch]
+        v = measure(trial)
+        trials.append((trial, v))
+        if budget.holds(v):
+            floats, value = trial, v
+            i += step
+            step *= 2
+        elif step == 1:
+            failed[order[i]] = (len(trials), v)
+            i += 1
+        else:
+            step = (step + 1) // 2
+        note(f"int8: trial {len(trials)}: {len(trial)} tensor(s) in float: {budget.metric} {v:.6g} ({'kept' if budget.holds(v) else 'not met'}); {len(floats)} in float so far")
+    return floats, value, trials, failed
+
 
 def _keep_float_nodes(prepared: onnx.ModelProto, keep: list[str]) -> list[str]:
     names = [n.name for n in prepared.graph.node]
@@ -487,8 +601,9 @@ def quantize_graph(job) -> None:
     if per_channel and vendor and opset_before < PER_CHANNEL_OPSET:
         per_channel = False
         job.report.warnings.append(f"int8 on {target.name}: its opset is {opset_before}, and per-channel weights need opset {PER_CHANNEL_OPSET}: the weights are quantized per tensor")
-    if cfg.mode == "mixed" and "fp16" in target.precisions:
-        job.report.warnings.append("mixed: the nodes kept in float run in float32; float16 for them is not built yet")
+    half = cfg.mode == "mixed" and job.config.relax_fp16 and target.backend == "tvm"  # the float part in float16 (ToMixedPrecision)
+    if cfg.mode == "mixed" and "fp16" in target.precisions and not half:
+        job.report.warnings.append(f"mixed: the nodes kept in float run in float32 on {target.name}; float16 for them is built on CUDA targets only (precision.fp16 relax)")
     feeds = [job.feeds] + [f for _n, f, _r in job.samples]
     refs = [job.reference] + [r for _n, _f, r in job.samples]
     ir = job.model.ir_version
@@ -510,8 +625,10 @@ def quantize_graph(job) -> None:
         qdq, value = run(keep)
         first = value
         rounds = [ProtectionRound(round=0, tensors=0, float_nodes=len(keep), value=value, holds=budget.holds(value))]
-        best = (value, qdq, [], 0)
+        tensors: list[str] = []
+        decided: dict[str, tuple[int, float]] = {}
         scanned = candidates = 0
+        search_budget = None
         info: dict[str, tuple[float | None, float | None]] = {}
         if not budget.holds(value) and cfg.max_rounds > 0:
             qparams = activation_qparams(qdq, prepared)
@@ -525,53 +642,63 @@ def quantize_graph(job) -> None:
             note(f"int8: {budget.text} not met ({value:.4g}); measuring the contribution of {len(units)} of {candidates} tensor(s)")
             alone = contributions(prepared, units, qparams, feeds[0])
             scanned = len(alone)
-            ranked = sorted(units, key=lambda t: alone[t])
-            info = {t: (alone.get(t), sqnr.get(t)) for t in ranked}
-            producer, consumers = _neighbours(prepared)
-            k = 1
-            for r in range(1, cfg.max_rounds + 1):
-                k = min(k, len(ranked))
-                nodes = list(keep)
-                for t in ranked[:k]:
-                    for n in ([producer[t]] if t in producer else []) + consumers[t]:
-                        if n.name not in nodes:
-                            nodes.append(n.name)
-                qdq, value = run(nodes)
-                holds = budget.holds(value)
-                rounds.append(ProtectionRound(round=r, tensors=k, float_nodes=len(nodes), value=value, holds=holds))
-                note(f"int8: round {r}: {k} tensor(s), {len(nodes)} node(s) in float: {budget.metric} {value:.6g}")
-                if budget.better(value, best[0]):
-                    best = (value, qdq, ranked[:k], r)
-                if holds or k == len(ranked):
+            info = {t: (alone.get(t), sqnr.get(t)) for t in qparams}
+            # the least harmful first: those not measured by their SQNR (the highest first), then the measured ones
+            order = sorted((t for t in qparams if t not in alone), key=lambda t: -sqnr[t]) + sorted(alone, key=lambda t: -alone[t])
+            # the search checks the calibration samples that every node quantized hurts most, besides the verification
+            # inputs: on a few sample inputs alone it overfits them (MiniLM: met on 4 sentences, 7 of 222 others below
+            # cosine 0.99)
+            extra, extra_refs = hardest(qdq, job.model, samples, budget, cfg.search_calibration) if cfg.search_calibration else ([], [])
+            tight = budget.tightened(cfg.margin)  # the TVM build's int8 arithmetic rounds differently from ONNX Runtime's
+            # The first of these whose start (every activation in float, the weights in int8) holds: with the margin on
+            # the verification inputs and calibration samples, then on the verification inputs alone (the weights'
+            # rounding alone can break the budget on some calibration samples: the PP-OCRv4 recognizer), then without
+            # the margin.
+            attempts = [(tight, feeds + extra, refs + extra_refs, len(extra)), (tight, feeds, refs, 0), (budget, feeds, refs, 0)]
+            for target, search_feeds, search_refs, n_extra in attempts[0 if extra else 1:]:
+                measure = lambda fl, f=search_feeds, r=search_refs: evaluate(float_tensors(qdq, fl, prepared), f, r, budget)  # noqa: E731
+                floats, v, trials, decided = search(order, measure, target, cfg.max_rounds, note)
+                if target.holds(v):
                     break
-                k *= 2
-        value, qdq, tensors, best_round = best
+            search_budget = f"{target.text} on {len(search_feeds)} input(s): the verification inputs and {n_extra} calibration sample(s)"
+            producer, consumers = _neighbours(prepared)
+            for r, (fl, tv) in enumerate(trials, 1):
+                nodes = set(keep) | {n.name for t in fl for n in ([producer[t]] if t in producer else []) + consumers[t]}
+                rounds.append(ProtectionRound(round=r, tensors=len(fl), float_nodes=len(nodes), value=tv, holds=target.holds(tv)))
+            final = float_tensors(qdq, floats, prepared)
+            v = evaluate(final, feeds, refs, budget)  # the budget's own inputs
+            if budget.holds(v) or budget.better(v, value):
+                qdq, value, tensors = final, v, floats
     producer, consumers = _neighbours(prepared)
     reasons = {n: "self-attention on a CUDA target: the attention kernel runs it in float (schedule.attention_kernel)" for n in attention}
     protected = [ProtectedNode(name=n, op=next(x.op_type for x in prepared.graph.node if x.name == n), reason=reasons.get(n, "keep_float in the config")) for n in keep]
     listed = set(keep)
-    for rank, t in enumerate(tensors, 1):
+    sign = 1.0 if budget.op == ">=" else -1.0  # the worst first: the lowest cosine, the highest max-rel
+    worst_first = sorted(tensors, key=lambda t: (t not in decided, sign * decided[t][1] if t in decided else 0.0))
+    for t in worst_first:
         cos, db = info.get(t, (None, None))
+        trial, tv = decided.get(t, (None, None))
+        why = (f"quantizing it on top of the others gave {budget.metric} {tv:.4g} (trial {trial})" if t in decided else
+               f"the search did not reach it within precision.max_rounds ({cfg.max_rounds}) trials" if budget.holds(value) else
+               "every activation is in float, and the budget is still not met")
         for n in ([producer[t]] if t in producer else []) + consumers[t]:
             if n.name in listed:
                 continue
             listed.add(n.name)
-            before = rounds[0].value
             protected.append(ProtectedNode(
-                name=n.name, op=n.op_type, tensor=t, alone_cosine=cos, local_sqnr_db=db, round=best_round,
-                reason=(f"{'produces' if producer.get(t) is n else 'reads'} '{t}', ranked {rank} of {scanned} by contribution; "
-                        f"{budget.metric} {before:.4g} with every node quantized, {value:.4g} after round {best_round}"),
+                name=n.name, op=n.op_type, tensor=t, alone_cosine=cos, local_sqnr_db=db, round=trial, trial_value=tv,
+                reason=f"{'writes' if producer.get(t) is n else 'reads'} '{t}', kept in float: {why}",
             ))
     ok = budget.holds(value)
     job.report.quantization = QuantizationReport(
         mode=cfg.mode,
-        format=FORMAT.format(granularity="per channel" if per_channel else "per tensor") + ("; float32 elsewhere" if cfg.mode == "mixed" else ""),
+        format=FORMAT.format(granularity="per channel" if per_channel else "per tensor") + ("; float16 elsewhere (TVM's ToMixedPrecision: float16 operands, float32 accumulation)" if half else "; float32 elsewhere" if cfg.mode == "mixed" else ""),
         tool=f"onnxruntime.quantization {onnxruntime.__version__} (quant_pre_process, quantize_static)",
         opset=f"{opset_before} -> {onnx_opset(qdq)}",
         per_channel=per_channel,
         calibration=CalibrationReport(source=source, samples=len(samples), method=cal.method, representative=representative),
         budget=budget.describe(), value_before=first, value=value, ok=ok, quantized_nodes=_quantized_nodes(qdq),
-        protected=protected, rounds=rounds, scanned=scanned, candidates=candidates,
+        protected=protected, rounds=rounds, scanned=scanned, candidates=candidates, search_budget=search_budget,
         int8_kernels=("the vendor runtime's: the QDQ ONNX is the deliverable, verified here on ONNX Runtime CPU" if vendor else TVM_KERNELS),
         seconds=time.perf_counter() - t0,
     )
@@ -579,11 +706,11 @@ def quantize_graph(job) -> None:
     job.report.warnings += [f"onnxruntime.quantization: {m}" for m in captured.messages[:5]]
     if not ok:
         what = (f"{cfg.mode}: the accuracy budget {budget.describe()} is not met on ONNX Runtime: {budget.metric} {value:.6g} "
-                f"({first:.6g} with every node quantized; best of {len(rounds) - 1} protection round(s), {len(tensors)} tensor(s) kept in float)")
+                f"({first:.6g} with every node quantized; {len(rounds) - 1} protection trial(s), {len(tensors)} tensor(s) kept in float)")
         if budget.source == "default":
             raise AccuracyError(what, "give representative --calib-data and --sample-inputs, raise precision.max_rounds or precision.scan, "
                                       "keep sensitive nodes in float (precision.keep_float), or state a budget with --accuracy-budget")
-        job.report.warnings.append(what + "; the artifact holds the best round")
+        job.report.warnings.append(what + "; the artifact holds the best model found")
 
 
 # ---------------------------------------------------------------------------------------------- options, budgets

@@ -287,7 +287,7 @@ def quantization_rows(q: QuantizationReport) -> list[tuple[str, str]]:
     return [
         ("quantization", f"{q.mode}: {q.format}; {q.quantized_nodes} node(s) quantized, {len(q.protected)} kept in float; {q.tool}, opset {q.opset}"),
         ("calibration", calib),
-        ("accuracy budget", f"{q.budget}: {'met' if q.ok else 'NOT MET'} on ONNX Runtime with the QDQ model ({q.value:.6g}; {q.value_before:.6g} with every node quantized; {len(q.rounds) - 1} protection round(s))"),
+        ("accuracy budget", f"{q.budget}: {'met' if q.ok else 'NOT MET'} on ONNX Runtime with the QDQ model ({q.value:.6g}; {q.value_before:.6g} with every node quantized; {len(q.rounds) - 1} protection trial(s))"),
         ("int8 kernels", q.int8_kernels),
     ]
 
@@ -297,11 +297,14 @@ def quantization_markdown(q: QuantizationReport) -> list[str]:
     lines += [f"- {k}: {v}" for k, v in quantization_rows(q)]
     lines += [f"- contribution scan: {q.scanned} of {q.candidates} quantized activation tensors measured one by one; the quantization step took {q.seconds:.1f} s"]
     if q.rounds:
-        lines += ["", "| round | tensors in float | nodes in float | metric | budget |", "|---:|---:|---:|---:|---|"]
-        lines += [f"| {p.round} | {p.tensors} | {p.float_nodes} | {p.value:.6g} | {'met' if p.holds else 'not met'} |" for p in q.rounds]
+        shown = [p for p in q.rounds if p.round <= 1 or p.holds or p.round == q.rounds[-1].round]
+        lines += ["", f"Protection trials: every node quantized (0), every activation in float (1), and those that met "
+                      f"{q.search_budget or q.budget} ({len(shown)} of {len(q.rounds)} shown; the report's JSON has all):", "",
+                  "| trial | tensors in float | nodes in float | metric | budget |", "|---:|---:|---:|---:|---|"]
+        lines += [f"| {p.round} | {p.tensors} | {p.float_nodes} | {p.value:.6g} | {'met' if p.holds else 'not met'} |" for p in shown]
     if q.protected:
-        lines += ["", "Nodes kept in float:", "", "| node | op | tensor | output cosine with only it in int8 | tensor SQNR (dB) | reason |", "|---|---|---|---:|---:|---|"]
-        lines += [f"| {n.name} | {n.op} | {n.tensor or '-'} | {'-' if n.alone_cosine is None else f'{n.alone_cosine:.6g}'} | {'-' if n.local_sqnr_db is None else f'{n.local_sqnr_db:.1f}'} | {n.reason} |" for n in q.protected]
+        lines += ["", "Nodes kept in float:", "", "| node | op | tensor | metric with it quantized | output cosine with only it in int8 | tensor SQNR (dB) | reason |", "|---|---|---|---:|---:|---:|---|"]
+        lines += [f"| {n.name} | {n.op} | {n.tensor or '-'} | {'-' if n.trial_value is None else f'{n.trial_value:.6g}'} | {'-' if n.alone_cosine is None else f'{n.alone_cosine:.6g}'} | {'-' if n.local_sqnr_db is None else f'{n.local_sqnr_db:.1f}'} | {n.reason} |" for n in q.protected]
     return lines
 
 

@@ -113,6 +113,9 @@ def test_metrics():
     b = parse_budget("cosine>=0.99")
     assert budget_value(b, [e, e], [e, -e]) == pytest.approx(-1.0)  # the worst output
     assert b.holds(0.99) and not b.holds(0.98) and not b.holds(float("nan"))
+    t = b.tightened(0.1)  # what the protection search holds: 10 % of the way to a perfect value to spare
+    assert t.threshold == pytest.approx(0.991) and not t.holds(0.9905) and b.threshold == 0.99
+    assert parse_budget("max-rel<=0.02").tightened(0.1).threshold == pytest.approx(0.018)
 
 
 # ------------------------------------------------------------------------------------------------- config, data
@@ -190,7 +193,7 @@ def test_local_sqnr_and_contributions(tmp_path):
     samples = load_calibration(calib_file(tmp_path / "c.npz"), [X], limit=8)
     qdq = quantize(path, tmp_path / "q.onnx", samples, tmp_path / "cache.json", "minmax", True, [], 8)
     qparams = activation_qparams(qdq, prepared)
-    assert set(qparams) == {"x", "r1", "shifted", "back"}
+    assert set(qparams) == {"x", "r1", "shifted", "back", "y"}  # quantize_static drops the Relu (its QuantizeLinear clamps); y: the output
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
     sqnr, flushed, levels = activation_stats(prepared, qparams, feed)
     scale, zp = qparams["x"]
@@ -203,6 +206,61 @@ def test_local_sqnr_and_contributions(tmp_path):
     # ... and the flushed share does: the 1e4 channel stretches the range so that the other channels quantize to 0
     assert [t for t in qparams if flushed[t] >= FLUSHED] == ["shifted"] and flushed["x"] < 0.05
     assert levels["shifted"] <= FEW_LEVELS < min(levels[t] for t in ("x", "r1"))
+
+
+def test_float_tensors_removes_only_their_pairs(tmp_path):
+    """float_tensors leaves the named activations in float and every other quantization as it was: with every
+    activation in float, the model computes the float net on the int8-rounded weights. quantize_static drops the
+    Relu (the QuantizeLinear after the conv clamps), so float_tensors puts it back with the pair it removes."""
+    from autoglm_compile.quantize import activation_qparams, float_tensors, quantize
+
+    prepared, path = prepare(sensitive_net(), per_channel=True, ir_version=8, folder=tmp_path)
+    samples = load_calibration(calib_file(tmp_path / "c.npz"), [X], limit=8)
+    qdq = quantize(path, tmp_path / "q.onnx", samples, tmp_path / "cache.json", "minmax", True, [], 8)
+    acts = list(activation_qparams(qdq, prepared))
+    assert "Relu" not in ops(qdq)
+    one = float_tensors(qdq, ["shifted"], prepared)
+    quantized = lambda m: sorted(n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear")  # noqa: E731
+    assert quantized(one) == sorted(t for t in quantized(qdq) if t != "shifted")
+    onnx.checker.check_model(one)
+    none = float_tensors(qdq, acts, prepared)
+    assert quantized(none) == [] and "Relu" in ops(none)
+    feed = {"x": np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    w_dq = {n.output[0]: (inits[n.input[0]].astype(np.float32) * inits[n.input[1]].reshape(-1, 1, 1, 1)) for n in qdq.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4}
+    rounded = onnx.ModelProto()
+    rounded.CopyFrom(prepared)
+    for init in rounded.graph.initializer:
+        if init.name in ("w1", "w2"):
+            init.CopyFrom(numpy_helper.from_array(w_dq[f"{init.name}_DequantizeLinear_Output"], init.name))
+    np.testing.assert_allclose(run_ort(none, feed)[0], run_ort(rounded, feed)[0], rtol=1e-4, atol=1e-3)
+
+
+def test_search_keeps_what_breaks_the_budget_even_when_errors_do_not_add_up():
+    """search() on a made-up metric: 'bad' breaks the budget alone; 'p' and 'q' only together (each alone is fine),
+    so one of them stays in float; the 5 others are harmless. Every accepted step holds, and the trial cap leaves
+    the rest in float."""
+    from autoglm_compile.quantize import search
+
+    budget = parse_budget("cosine>=0.99")
+    harmless = [f"h{i}" for i in range(5)]
+    order = harmless + ["p", "q", "bad"]
+
+    def measure(floats):
+        quantized = set(order) - set(floats)
+        return 0.9 if "bad" in quantized else 0.95 if {"p", "q"} <= quantized else 0.999 - 0.0001 * len(quantized)
+
+    floats, value, trials, failed = search(order, measure, budget, max_trials=100, note=lambda _m: None)
+    assert sorted(floats) == ["bad", "q"] and value == measure(floats) and budget.holds(value)
+    assert set(failed) == {"bad", "q"} and failed["bad"][1] == 0.9 and failed["q"][1] == 0.95
+    assert trials[0] == (order, 0.999)
+    for t, (k, v) in failed.items():  # the trial that kept t in float quantized it, and missed the budget
+        fl, tv = trials[k - 1]
+        assert t not in fl and tv == v == measure(fl) and not budget.holds(v)
+    assert len(trials) < 2 * len(order)
+    floats, value, trials, _ = search(order, measure, budget, max_trials=2, note=lambda _m: None)
+    assert len(trials) == 2 and budget.holds(value) and len(floats) < len(order)
 
 
 # ------------------------------------------------------------------------------------------------------ builds
@@ -254,8 +312,9 @@ def test_sensitive_op_ends_up_in_float(tmp_path, scan):
     out = tmp_path / "out"
     report = compile_model(CompileOptions(source=str(src), output=out, runs=1, config_path=cfg, calib_data=calib_file(tmp_path / "c.npz")))
     q = report.quantization
-    assert q.value_before < 0.99 <= q.value and q.ok and len(q.rounds) >= 2 and not q.rounds[0].holds and q.rounds[-1].holds
-    assert q.candidates == 4 and q.scanned == min(scan, 4)  # x, r1, shifted, back
+    assert q.value_before < 0.99 <= q.value and q.ok and len(q.rounds) >= 3 and not q.rounds[0].holds and q.rounds[1].holds
+    assert q.rounds[1].tensors == 5 and min(r.tensors for r in q.rounds if r.holds) == 1  # all in float, then only 'shifted'
+    assert q.candidates == 5 and q.scanned == min(scan, 5)  # x, r1, shifted, back, y
     protected = {p.name: p for p in q.protected}
     assert "sensitive_add" in protected and protected["sensitive_add"].tensor == "shifted"
     assert protected["sensitive_add"].alone_cosine < 0.99 and protected["sensitive_add"].local_sqnr_db is not None
