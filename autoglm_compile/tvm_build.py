@@ -162,10 +162,46 @@ def mixed_precision(mod, fp16_params: list[str] | None = None):
     """fp16 compute with float32 accumulation (TVM's ToMixedPrecision): conv2d and matmul take float16 operands with
     out_dtype float32, elementwise ops follow their inputs, softmax-like ops stay float32; the function's inputs and
     outputs keep their dtypes (constant weights are cast once, by FoldConstant). fp16_params: parameters (weights
-    passed as inputs) that become float16."""
+    passed as inputs) that become float16. The integer conv2d/matmul of a mixed build (int8_kernels: int8 operands,
+    int32 out_dtype) are left as they are: ToMixedPrecision would give them out_dtype float32 and a float16 result
+    (its policy for the two ops does not look at the operand types), so they are hidden from it behind a stand-in
+    call, and put back after."""
+    import tvm
     from tvm import relax
 
-    return relax.transform.ToMixedPrecision("float32", fp16_params)(mod)
+    ops = {tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.nn.conv2d")}
+    packed = tvm.ir.Op.get("relax.call_pure_packed")
+    hidden: dict[str, relax.Call] = {}
+
+    @relax.expr_functor.mutator
+    class Hide(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op in ops and not str(call.ty.dtype).startswith(("float", "bfloat")):
+                key = f"autoglm.integer_op.{len(hidden)}"
+                hidden[key] = call
+                return relax.op.call_pure_packed(key, *call.args, ty_args=call.ty)
+            return call
+
+    @relax.expr_functor.mutator
+    class Restore(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op == packed and isinstance(call.args[0], relax.ExternFunc) and str(call.args[0].global_symbol) in hidden:
+                old = hidden[str(call.args[0].global_symbol)]
+                return relax.Call(old.op, list(call.args[1:]), old.attrs)
+            return call
+
+    def each(mod, mutator_cls):
+        m = mutator_cls(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return m.builder_.get()
+
+    mod = each(mod, Hide)
+    mod = relax.transform.ToMixedPrecision("float32", fp16_params)(mod)
+    return each(mod, Restore) if hidden else mod
 
 
 def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext | None = None):

@@ -223,7 +223,7 @@ def gpu_build_int8(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    opts = P.CompileOptions(source=args.model, target=args.target, output=out / "unused", dims=args.dim, precision="int8", calib_synthetic=True)
+    opts = P.CompileOptions(source=args.model, target=args.target, output=out / "unused", dims=args.dim, precision=args.precision, calib_synthetic=True)
     desc = resolve_target(args.target)
     check_toolchain(desc)
     cfg = P.resolve_config(opts, desc)
@@ -240,7 +240,7 @@ def gpu_build_int8(args) -> None:
     mod, weights = lift_constants(job.relax_mod, args.min_elements, transpose_2d=not args.weights_as_is)
     mod["main"] = mod["main"].with_attr("num_input", len(job.inputs))  # the lifted weights are fixed: CUDA graphs capture their kernels
     # attention_kernel: the QDQ model leaves self-attention float on CUDA (quantize.attention_nodes), and the kernel runs it
-    sched = ScheduleContext(desc=desc, cuda_graph=not args.no_cuda_graph, split_k=True, attention_kernel=True)
+    sched = ScheduleContext(desc=desc, cuda_graph=not args.no_cuda_graph, split_k=True, attention_kernel=True, fp16=cfg.relax_fp16)  # fp16: mixed
     lowered, target = lower(mod, desc, "default", sched)
     if args.kernels:  # the kernels main launches, in order
         import re
@@ -252,11 +252,11 @@ def gpu_build_int8(args) -> None:
     export_library(build(lowered, target).executable, str(out / "model.so"), desc, target)
     build_s = time.perf_counter() - t0
     meta = {"model": Path(args.model).name, "target": desc.name, "tvm_target": desc.tvm_target(), "inputs": [s.as_dict() for s in job.inputs],
-            "weights": weights, "outputs": job.output_names, "build_seconds": build_s, "variant": args.variant or "int8 (weights lifted, random)",
-            "precision": "int8", "cuda_graph": not args.no_cuda_graph, "split_k_sms": desc.cuda.sm_count, "reference": None, "int8_kernels": kernels,
+            "weights": weights, "outputs": job.output_names, "build_seconds": build_s, "variant": args.variant or f"{args.precision} (weights lifted, random)",
+            "precision": args.precision, "cuda_graph": not args.no_cuda_graph, "split_k_sms": desc.cuda.sm_count, "reference": None, "int8_kernels": kernels,
             "schedule": sched.notes}
     (out / "meta.json").write_text(json.dumps(meta) + "\n")
-    print(f"{args.model}: int8 built for {desc.name} in {build_s:.1f} s, library {(out / 'model.so').stat().st_size / 2**20:.1f} MiB, "
+    print(f"{args.model}: {args.precision} built for {desc.name} in {build_s:.1f} s, library {(out / 'model.so').stat().st_size / 2**20:.1f} MiB, "
           f"{len(weights)} constants lifted; {kernels}")
 
 
@@ -455,6 +455,7 @@ def main() -> None:
     q.add_argument("--weights-as-is", action="store_true", help="keep 2-D weights [K, N] (default: W^T parameters, as split-K reads constant weights)")
     q.add_argument("--split-k-min", type=int, default=None, metavar="K", help="the shortest K slice split-K makes (gpu_schedules.SPLIT_K_MIN)")
     q.add_argument("--kernels", help="write the names of the kernels main launches, in order, to this file")
+    q.add_argument("--precision", choices=["int8", "mixed"], default="int8", help="mixed: what stays float runs in float16 (ToMixedPrecision)")
     e = sub.add_parser("estimate")
     e.add_argument("model")
     e.add_argument("--dim", action="append", default=[])

@@ -232,3 +232,19 @@ def test_int8_cuda_build_keeps_attention_float_for_the_kernel(tmp_path):
             assert not any(producers.get(i) == "DequantizeLinear" for i in node.input)
     cpu = compile_model(CompileOptions(source=str(model), output=tmp_path / "c", target="host", precision="int8", calib_synthetic=True, dims=dims, runs=1))
     assert not any(p.reason.startswith("self-attention") for p in cpu.quantization.protected)
+
+
+@needs_nvcc
+def test_mixed_cuda_build_runs_the_float_part_in_float16(tmp_path):
+    """mixed for CUDA: the int8 GEMMs as in an int8 build, and what stays float (here the self-attentions) in float16
+    by ToMixedPrecision: the attention kernel takes float16, and the report says so, without the float32 warning."""
+    from autoglm_compile.pipeline import CompileOptions, compile_model
+    from autoglm_compile.zoo import bert_tiny
+
+    model = bert_tiny(tmp_path / "bert.onnx")
+    report = compile_model(CompileOptions(source=str(model), output=tmp_path / "m", target="nvidia-h100", precision="mixed", calib_synthetic=True,
+                                          dims=["batch=1", "sequence=16"]))
+    assert report.precision == "mixed" and "2 self-attention(s) as one kernel each (2 heads x 16 x 16, head_dim 64, float16)" in report.schedule
+    assert report.quantization.format.endswith("float16 elsewhere (TVM's ToMixedPrecision: float16 operands, float32 accumulation)")
+    assert report.quantization.int8_kernels.startswith("0 Conv and 9 MatMul/Gemm as int8 x int8 -> int32")
+    assert not any("float32" in w and w.startswith("mixed") for w in report.warnings)

@@ -218,3 +218,34 @@ def test_attention_matmul_of_two_activations_on_cuda(tmp_path, monkeypatch, int8
         ours, ort = vm["main"](tvm.runtime.tensor(feeds["q"]), tvm.runtime.tensor(feeds["k"])).numpy(), run_ort(model, feeds)[0]
         np.testing.assert_allclose(ours, ort, rtol=0, atol=step * 1.001)
         assert np.mean(np.abs(ours - ort) < step * 1e-3) > 0.9
+
+
+def test_mixed_precision_leaves_integer_ops_alone():
+    """mixed on CUDA: ToMixedPrecision makes the float matmul float16 (float32 accumulation), and the int8 one keeps
+    its int8 operands and int32 result (its policy would have given it out_dtype float32 and a float16 result)."""
+    import tvm
+    from tvm import relax
+
+    from autoglm_compile.tvm_build import mixed_precision
+
+    bb = relax.BlockBuilder()
+    a, b = relax.Var("a", relax.TensorType((16, 64), "int8")), relax.Var("b", relax.TensorType((64, 32), "int8"))
+    x, w = relax.Var("x", relax.TensorType((16, 32), "float32")), relax.Var("w", relax.TensorType((32, 8), "float32"))
+    with bb.function("main", [a, b, x, w]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.matmul(a, b, out_dtype="int32"))
+            y = bb.emit(relax.op.add(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(1e-3, "float32")), x))  # a requantize scale
+            out = bb.emit_output(relax.op.matmul(y, w))
+        bb.emit_func_output(out)
+    mod = mixed_precision(bb.get())
+    main = mod["main"].script()
+    assert 'R.matmul(a, b, out_dtype="int32")' in main and "call_pure_packed" not in main
+    assert main.count("R.matmul(") == 2 and 'dtype="float16"' in main
+    rng = np.random.default_rng(0)
+    args = [rng.integers(-128, 128, (16, 64)).astype(np.int8), rng.integers(-128, 128, (64, 32)).astype(np.int8),
+            rng.standard_normal((16, 32)).astype(np.float32), rng.standard_normal((32, 8)).astype(np.float32)]
+    target = tvm.target.Target({"kind": "llvm"})
+    vm = relax.VirtualMachine(relax.build(relax.get_default_pipeline(target)(mod), target, relax_pipeline=None), tvm.cpu())
+    got = vm["main"](*[tvm.runtime.tensor(v) for v in args]).numpy()
+    want = ((args[0].astype(np.int64) @ args[1]).astype(np.float32) * 1e-3 + args[2]) @ args[3]
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
