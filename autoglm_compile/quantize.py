@@ -256,6 +256,7 @@ def quantize(prepared_path: Path, out: Path, samples, cache: Path, method: str, 
         str(prepared_path), str(out), None,
         quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, METHODS[method]), nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
+        extra_options={"QDQKeepRemovableActivations": True},  # see float_tensors
     )
     model = onnx.load(str(out))
     strip_unused_opsets(model)
@@ -393,46 +394,26 @@ def contributions(prepared: onnx.ModelProto, units: list[str], qparams: dict, fe
 
 # ------------------------------------------------------------------------------------------------ protection
 
-def float_tensors(qdq: onnx.ModelProto, tensors, prepared: onnx.ModelProto) -> onnx.ModelProto:
+def float_tensors(qdq: onnx.ModelProto, tensors) -> onnx.ModelProto:
     """The QDQ model with the activation tensors in `tensors` left in float: their QuantizeLinear/DequantizeLinear
     pairs removed, the readers of the dequantized tensor reading the float one. Everything else keeps its
     quantization (the weights of the nodes around such a tensor too), so a Conv whose output stays float still
-    computes in int8 on TVM. quantize_static drops a Relu or Clip whose input is quantized and lets the
-    QuantizeLinear's range do the clamping (its producer then writes the Relu's output name); where such a tensor's
-    pair is removed, the Relu/Clip of the prepared model comes back in place of the DequantizeLinear."""
+    computes in int8 on TVM. Relu and Clip stay in the QDQ model (quantize: QDQKeepRemovableActivations): by default
+    quantize_static drops them where the QuantizeLinear after them can clamp, and removing that pair then loses the
+    Relu (the PP-OCRv4 detector with every activation in float: cosine 0.0)."""
     names = set(tensors)
     g = qdq.graph
     readers = defaultdict(list)
     for n in g.node:
         for i in n.input:
             readers[i].append(n)
-    present = {n.name for n in g.node}
-    dropped = {n.output[0]: n for n in prepared.graph.node if n.op_type in ("Relu", "Clip") and n.name not in present}
     source = {n.output[0]: n.input[0] for n in g.node
               if n.op_type == "QuantizeLinear" and readers[n.output[0]] and all(r.op_type == "DequantizeLinear" for r in readers[n.output[0]])
               and (n.input[0] in names or any(r.output[0] in names for r in readers[n.output[0]]))}  # a graph output: see activation_qparams
+    rename = {n.output[0]: source[n.input[0]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in source}
     m = onnx.ModelProto()
     m.CopyFrom(qdq)
-    inits = {i.name for i in m.graph.initializer}
-    prepared_inits = {i.name: i for i in prepared.graph.initializer}
-    rename, nodes = {}, []
-    for n in m.graph.node:
-        if n.op_type == "QuantizeLinear" and n.output[0] in source:
-            continue
-        if n.op_type == "DequantizeLinear" and n.input[0] in source:
-            t = source[n.input[0]]
-            act = dropped.get(t) or dropped.get(n.output[0])  # a graph output keeps its name on the DequantizeLinear
-            if act is None:
-                rename[n.output[0]] = t
-                continue
-            nodes.append(helper.make_node(act.op_type, [t, *act.input[1:]], [n.output[0]], name=f"{act.name}__restored"))
-            nodes[-1].attribute.extend(act.attribute)
-            for extra in act.input[1:]:
-                if extra and extra not in inits and extra in prepared_inits:
-                    m.graph.initializer.append(prepared_inits[extra])
-                    inits.add(extra)
-            continue
-        nodes.append(n)
+    nodes = [n for n in m.graph.node if not (n.op_type in QDQ_OPS and (n.output[0] in source or n.output[0] in rename))]
     for n in nodes:
         n.input[:] = [rename.get(i, i) for i in n.input]
     nodes += [helper.make_node("Identity", [rename[o.name]], [o.name]) for o in m.graph.output if o.name in rename]
@@ -656,7 +637,7 @@ def quantize_graph(job) -> None:
             # the margin.
             attempts = [(tight, feeds + extra, refs + extra_refs, len(extra)), (tight, feeds, refs, 0), (budget, feeds, refs, 0)]
             for target, search_feeds, search_refs, n_extra in attempts[0 if extra else 1:]:
-                measure = lambda fl, f=search_feeds, r=search_refs: evaluate(float_tensors(qdq, fl, prepared), f, r, budget)  # noqa: E731
+                measure = lambda fl, f=search_feeds, r=search_refs: evaluate(float_tensors(qdq, fl), f, r, budget)  # noqa: E731
                 floats, v, trials, decided = search(order, measure, target, cfg.max_rounds, note)
                 if target.holds(v):
                     break
@@ -665,7 +646,7 @@ def quantize_graph(job) -> None:
             for r, (fl, tv) in enumerate(trials, 1):
                 nodes = set(keep) | {n.name for t in fl for n in ([producer[t]] if t in producer else []) + consumers[t]}
                 rounds.append(ProtectionRound(round=r, tensors=len(fl), float_nodes=len(nodes), value=tv, holds=target.holds(tv)))
-            final = float_tensors(qdq, floats, prepared)
+            final = float_tensors(qdq, floats)
             v = evaluate(final, feeds, refs, budget)  # the budget's own inputs
             if budget.holds(v) or budget.better(v, value):
                 qdq, value, tensors = final, v, floats
