@@ -246,8 +246,11 @@ def calibrate(prepared_path: Path, samples, method: str, cache: Path) -> None:
                              "use --calib-method minmax or percentile, or keep the tensor's nodes in float (precision.keep_float)") from None
 
 
-def quantize(prepared_path: Path, out: Path, samples, cache: Path, method: str, per_channel: bool, exclude: list[str], ir_version: int) -> onnx.ModelProto:
-    """quantize_static in QDQ format, with the calibration ranges from the cache (calibrated first if it is not there)."""
+def quantize(prepared_path: Path, out: Path, samples, cache: Path, method: str, per_channel: bool, exclude: list[str], ir_version: int,
+             keep_activations: bool = False) -> onnx.ModelProto:
+    """quantize_static in QDQ format, with the calibration ranges from the cache (calibrated first if it is not there).
+    keep_activations: Relu and Clip stay in the model, quantized before and after (for float_tensors); by default
+    quantize_static drops them where the QuantizeLinear after them clamps, which saves a requantize per conv."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not cache.is_file():
@@ -256,7 +259,7 @@ def quantize(prepared_path: Path, out: Path, samples, cache: Path, method: str, 
         str(prepared_path), str(out), None,
         quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, METHODS[method]), nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
-        extra_options={"QDQKeepRemovableActivations": True},  # see float_tensors
+        extra_options={"QDQKeepRemovableActivations": keep_activations},
     )
     model = onnx.load(str(out))
     strip_unused_opsets(model)
@@ -398,7 +401,7 @@ def float_tensors(qdq: onnx.ModelProto, tensors) -> onnx.ModelProto:
     """The QDQ model with the activation tensors in `tensors` left in float: their QuantizeLinear/DequantizeLinear
     pairs removed, the readers of the dequantized tensor reading the float one. Everything else keeps its
     quantization (the weights of the nodes around such a tensor too), so a Conv whose output stays float still
-    computes in int8 on TVM. Relu and Clip stay in the QDQ model (quantize: QDQKeepRemovableActivations): by default
+    computes in int8 on TVM. qdq must keep its Relus and Clips (quantize's keep_activations): by default
     quantize_static drops them where the QuantizeLinear after them can clamp, and removing that pair then loses the
     Relu (the PP-OCRv4 detector with every activation in float: cosine 0.0)."""
     names = set(tensors)
@@ -612,6 +615,9 @@ def quantize_graph(job) -> None:
         search_budget = None
         info: dict[str, tuple[float | None, float | None]] = {}
         if not budget.holds(value) and cfg.max_rounds > 0:
+            # the search removes pairs (float_tensors), which needs the Relus and Clips in the model: quantized again
+            # with them kept (the budget held without the search, the model keeps quantize_static's default)
+            qdq = quantize(prepared_path, folder / "qdq.onnx", samples, cache, cal.method, per_channel, keep, ir, keep_activations=True)
             qparams = activation_qparams(qdq, prepared)
             candidates = len(qparams)
             units = list(qparams)

@@ -193,7 +193,7 @@ def test_local_sqnr_and_contributions(tmp_path):
     samples = load_calibration(calib_file(tmp_path / "c.npz"), [X], limit=8)
     qdq = quantize(path, tmp_path / "q.onnx", samples, tmp_path / "cache.json", "minmax", True, [], 8)
     qparams = activation_qparams(qdq, prepared)
-    assert set(qparams) == {"x", "c1", "r1", "shifted", "back", "y"}  # the Relu stays in the QDQ model (QDQKeepRemovableActivations); y: the output
+    assert set(qparams) == {"x", "r1", "shifted", "back", "y"}  # quantize_static drops the Relu (its QuantizeLinear clamps); y: the output
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
     sqnr, flushed, levels = activation_stats(prepared, qparams, feed)
     scale, zp = qparams["x"]
@@ -216,7 +216,8 @@ def test_float_tensors_removes_only_their_pairs(tmp_path):
 
     prepared, path = prepare(sensitive_net(), per_channel=True, ir_version=8, folder=tmp_path)
     samples = load_calibration(calib_file(tmp_path / "c.npz"), [X], limit=8)
-    qdq = quantize(path, tmp_path / "q.onnx", samples, tmp_path / "cache.json", "minmax", True, [], 8)
+    assert "Relu" not in ops(quantize(path, tmp_path / "d.onnx", samples, tmp_path / "cache.json", "minmax", True, [], 8))  # dropped by default
+    qdq = quantize(path, tmp_path / "q.onnx", samples, tmp_path / "cache.json", "minmax", True, [], 8, keep_activations=True)
     acts = list(activation_qparams(qdq, prepared))
     one = float_tensors(qdq, ["shifted"])
     quantized = lambda m: sorted(n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear")  # noqa: E731
