@@ -614,11 +614,12 @@ def quantize_graph(job) -> None:
         scanned = candidates = 0
         search_budget = None
         info: dict[str, tuple[float | None, float | None]] = {}
+        producer, consumers = _neighbours(prepared)
         if not budget.holds(value) and cfg.max_rounds > 0:
             # the search removes pairs (float_tensors), which needs the Relus and Clips in the model: quantized again
             # with them kept (the budget held without the search, the model keeps quantize_static's default)
-            qdq = quantize(prepared_path, folder / "qdq.onnx", samples, cache, cal.method, per_channel, keep, ir, keep_activations=True)
-            qparams = activation_qparams(qdq, prepared)
+            kept = quantize(prepared_path, folder / "kept.onnx", samples, cache, cal.method, per_channel, keep, ir, keep_activations=True)
+            qparams = activation_qparams(kept, prepared)
             candidates = len(qparams)
             units = list(qparams)
             sqnr, flushed, levels = activation_stats(prepared, qparams, feeds[0])
@@ -635,28 +636,26 @@ def quantize_graph(job) -> None:
             # the search checks the calibration samples that every node quantized hurts most, besides the verification
             # inputs: on a few sample inputs alone it overfits them (MiniLM: met on 4 sentences, 7 of 222 others below
             # cosine 0.99)
-            extra, extra_refs = hardest(qdq, job.model, samples, budget, cfg.search_calibration) if cfg.search_calibration else ([], [])
+            extra, extra_refs = hardest(kept, job.model, samples, budget, cfg.search_calibration)
             tight = budget.tightened(cfg.margin)  # the TVM build's int8 arithmetic rounds differently from ONNX Runtime's
             # The first of these whose start (every activation in float, the weights in int8) holds: with the margin on
             # the verification inputs and calibration samples, then on the verification inputs alone (the weights'
             # rounding alone can break the budget on some calibration samples: the PP-OCRv4 recognizer), then without
             # the margin.
             attempts = [(tight, feeds + extra, refs + extra_refs, len(extra)), (tight, feeds, refs, 0), (budget, feeds, refs, 0)]
-            for target, search_feeds, search_refs, n_extra in attempts[0 if extra else 1:]:
-                measure = lambda fl, f=search_feeds, r=search_refs: evaluate(float_tensors(qdq, fl), f, r, budget)  # noqa: E731
-                floats, v, trials, decided = search(order, measure, target, cfg.max_rounds, note)
-                if target.holds(v):
+            for goal, search_feeds, search_refs, n_extra in attempts[0 if extra else 1:]:
+                measure = lambda fl, f=search_feeds, r=search_refs: evaluate(float_tensors(kept, fl), f, r, budget)  # noqa: E731
+                floats, v, trials, decided = search(order, measure, goal, cfg.max_rounds, note)
+                if goal.holds(v):
                     break
-            search_budget = f"{target.text} on {len(search_feeds)} input(s): the verification inputs and {n_extra} calibration sample(s)"
-            producer, consumers = _neighbours(prepared)
+            search_budget = f"{goal.text} on {len(search_feeds)} input(s): the verification inputs and {n_extra} calibration sample(s)"
             for r, (fl, tv) in enumerate(trials, 1):
                 nodes = set(keep) | {n.name for t in fl for n in ([producer[t]] if t in producer else []) + consumers[t]}
-                rounds.append(ProtectionRound(round=r, tensors=len(fl), float_nodes=len(nodes), value=tv, holds=target.holds(tv)))
-            final = float_tensors(qdq, floats)
+                rounds.append(ProtectionRound(round=r, tensors=len(fl), float_nodes=len(nodes), value=tv, holds=goal.holds(tv)))
+            final = float_tensors(kept, floats)
             v = evaluate(final, feeds, refs, budget)  # the budget's own inputs
             if budget.holds(v) or budget.better(v, value):
                 qdq, value, tensors = final, v, floats
-    producer, consumers = _neighbours(prepared)
     reasons = {n: "self-attention on a CUDA target: the attention kernel runs it in float (schedule.attention_kernel)" for n in attention}
     protected = [ProtectedNode(name=n, op=next(x.op_type for x in prepared.graph.node if x.name == n), reason=reasons.get(n, "keep_float in the config")) for n in keep]
     listed = set(keep)
