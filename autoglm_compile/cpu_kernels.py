@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .int8_kernels import _const, bound_value, sink_transposes
+from .relax_util import mutate_functions
 
 DENSE, CONV, DEPTHWISE = "dense_f32_packed", "conv2d_nhwc_f32_packed", "depthwise_nhwc_f32"  # the kernels' main blocks (and PrimFunc name hints)
 WINO_IN, WINO_OUT = "winograd_input_f32", "winograd_output_f32"  # a Winograd 3x3 conv's transforms (its products: a DENSE)
@@ -428,13 +429,10 @@ def rewrite(mod, target, winograd: int | str = 0):
             summary.narrow += lanes < widest
             return self.builder_.call_te(_dense, a, self.builder_.emit(bp), primfunc_name_hint=DENSE)
 
-    rewriter = Rewriter(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    rewritten = mutate_functions(Rewriter(mod), mod)
     if not summary.kernels:
         return mod, summary
-    return sink_transposes(relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewriter.builder_.get()))), summary
+    return sink_transposes(relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewritten))), summary
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .relax_util import mutate_functions
+
 ROWS = 16  # query rows per thread block
 THREADS = 128  # threads per block: at 16 rows, 8 threads per row in the softmax (256 was no faster on the H200)
 SHARED_LIMIT = 48 * 1024  # a kernel's shared memory without cudaFuncSetAttribute
@@ -340,12 +342,9 @@ def fuse_attention(mod, found: list | None = None, gpu: bool = True):
             kernel = self.builder_.add_func(attention_kernel(shape, gpu), "fused_attention")
             return relax.call_tir(kernel, relax.Tuple([q, k, v, bias]), relax.TensorType((b, sq, n, h), shape.out_dtype))
 
-    mutator = FuseAttention(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    rewritten = mutate_functions(FuseAttention(mod), mod)
     # the replaced ops, and the reshapes and casts emitted for a match the kernel then did not take
-    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+    return relax.transform.DeadCodeElimination()(rewritten)
 
 
 def describe(found: list) -> str:

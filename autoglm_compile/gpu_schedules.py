@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .relax_util import mutate_functions
+
 TENSOR_CORE_MIN = 32  # smallest I, J and K given to the tensor-core schedule (batch-1 FC layers stay GEMV)
 FRAG = 16  # the wmma fragment: 16 x 16 x 16
 
@@ -540,11 +542,8 @@ def fold_permutes(mod):
             x = inner.args[0] if axes == list(range(len(axes))) else relax.op.permute_dims(inner.args[0], axes)
             return relax.op.astype(x, cast.attrs.dtype) if cast is not None else x
 
-    mutator = Fold(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+    rewritten = mutate_functions(Fold(mod), mod)
+    return relax.transform.DeadCodeElimination()(rewritten)
 
 
 def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
@@ -649,11 +648,7 @@ def split_k(mod, sms: int, max_split: int = 16, splits: list | None = None):
                                           [int(v) for v in at.dilation], (oh, ow), nhwc, primfunc_name_hint="conv2d_split_k")
             return self.builder_.call_te(_split_k_sum, parts, primfunc_name_hint="split_k_sum")  # a call, not a var: FuseOps fuses no alias binding
 
-    mutator = SplitK(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return mutator.builder_.get()
+    return mutate_functions(SplitK(mod), mod)
 
 
 def _split_k_gemm(a, b, s: int, transposed: bool = False):
@@ -774,11 +769,8 @@ def fuse_split_k_sums(mod):
             fused = self.builder_.add_func(bb.get()["fused_split_k_layer_norm"], "fused_split_k_layer_norm")
             return relax.Call(fused, sum_args + norm_args)
 
-    mutator = Fuse(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function) and "Primitive" not in (func.attrs or {}):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    out = relax.transform.DeadCodeElimination()(mutator.builder_.get())  # the sums' own calls, now unused
+    rewritten = mutate_functions(Fuse(mod), mod, skip_primitive=True)
+    out = relax.transform.DeadCodeElimination()(rewritten)  # the sums' own calls, now unused
     return relax.transform.FuseTIR()(out)
 
 

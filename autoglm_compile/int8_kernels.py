@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .relax_util import mutate_functions
+
 # LLVM feature -> the int8 dot-product instruction that code for it can use, by architecture.
 DOT_FEATURES = {"x86_64": [("avx512vnni", "vpdpbusd (AVX512-VNNI)"), ("avxvnni", "vpdpbusd (AVX-VNNI)")],
                 "aarch64": [("dotprod", "sdot (dotprod)")]}
@@ -392,13 +394,10 @@ def rewrite(mod, target):
                 acc = relax.op.subtract(acc, relax.const(corr))
             return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.astype(np.float32).reshape(shape)))
 
-    rewriter = Rewriter(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    rewritten = mutate_functions(Rewriter(mod), mod)
     if not summary.rewritten:
         return mod, summary
-    folded = relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewriter.builder_.get()))  # constant biases
+    folded = relax.transform.FoldConstant()(relax.transform.DeadCodeElimination()(rewritten))  # constant biases
     out = singleton_qparams(sink_transposes(folded))
     if target.kind.name != "llvm":  # for libm's scalar calls only; on CUDA the attention kernel's pattern takes nn.softmax, not topi's
         return out, summary
@@ -424,11 +423,7 @@ def singleton_qparams(mod):
             params = [relax.const(v.reshape(1)) if (v := _const(p)) is not None and v.ndim == 0 else p for p in call.args[1:]]
             return relax.Call(call.op, [call.args[0], *params], call.attrs)
 
-    vectorizer = Vectorizer(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            vectorizer.builder_.update_func(gvar, vectorizer.visit_expr(func))
-    return vectorizer.builder_.get()
+    return mutate_functions(Vectorizer(mod), mod)
 
 
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
@@ -519,11 +514,8 @@ def sink_transposes(mod):
                 return relax.Call(call.op, args, call.attrs), p
             return None
 
-    sinker = Sinker(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            sinker.builder_.update_func(gvar, sinker.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(sinker.builder_.get())
+    rewritten = mutate_functions(Sinker(mod), mod)
+    return relax.transform.DeadCodeElimination()(rewritten)
 
 
 _INT8_PRODUCT = re.compile(r'T\.Cast\("int32", \w+\[[^\]]*\]\) \* T\.Cast\("int32", \w+\[')

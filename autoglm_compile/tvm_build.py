@@ -11,6 +11,7 @@ import onnx
 
 from .errors import UnsupportedError
 from .inputs import InputSpec
+from .relax_util import mutate_functions
 from .target import TargetDescriptor
 
 
@@ -192,16 +193,9 @@ def mixed_precision(mod, fp16_params: list[str] | None = None):
                 return relax.Call(old.op, list(call.args[1:]), old.attrs)
             return call
 
-    def each(mod, mutator_cls):
-        m = mutator_cls(mod)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                m.builder_.update_func(gv, m.visit_expr(func))
-        return m.builder_.get()
-
-    mod = each(mod, Hide)
+    mod = mutate_functions(Hide(mod), mod)
     mod = relax.transform.ToMixedPrecision("float32", fp16_params)(mod)
-    return each(mod, Restore) if hidden else mod
+    return mutate_functions(Restore(mod), mod) if hidden else mod
 
 
 def lower(mod, desc: TargetDescriptor, strategy: str, context: ScheduleContext | None = None):
