@@ -270,10 +270,11 @@ def quantize(prepared_path: Path, out: Path, samples, cache: Path, method: str, 
 # ------------------------------------------------------------------------------------------------ measuring
 
 def evaluate(model: onnx.ModelProto, feeds: list[dict], refs: list[list[np.ndarray]], budget: Budget) -> float:
-    """The budget's metric of the model on ONNX Runtime, the worst over the outputs and the inputs."""
+    """The budget's metric of the model on ONNX Runtime, the worst over the outputs and the inputs. Without ONNX
+    Runtime's graph optimizations: the QDQ model's own arithmetic, which is what TVM builds (measure.run_ort)."""
     from .measure import ort_session
 
-    sess = ort_session(model)
+    sess = ort_session(model, optimize=False)
     worst = None
     for f, ref in zip(feeds, refs):
         v = budget_value(budget, sess.run(None, f), ref)
@@ -427,12 +428,12 @@ def float_tensors(qdq: onnx.ModelProto, tensors) -> onnx.ModelProto:
 
 def hardest(qdq: onnx.ModelProto, model: onnx.ModelProto, samples: list[dict], budget: Budget, n: int) -> tuple[list[dict], list[list[np.ndarray]]]:
     """The n calibration samples on which the QDQ model (every node quantized) is furthest from the float model, by
-    the budget's metric, and the float model's outputs on them (ONNX Runtime both)."""
+    the budget's metric, and the float model's outputs on them (ONNX Runtime both; the QDQ model as in evaluate)."""
     from .measure import ort_session
 
     if n <= 0 or not samples:
         return [], []
-    float_sess, q_sess = ort_session(model), ort_session(qdq)
+    float_sess, q_sess = ort_session(model), ort_session(qdq, optimize=False)
     refs = [float_sess.run(None, f) for f in samples]
     values = [budget_value(budget, q_sess.run(None, f), r) for f, r in zip(samples, refs)]
     sign = 1.0 if budget.op == ">=" else -1.0

@@ -402,3 +402,24 @@ def test_conv_output_channels_padded_to_vnni_lanes(tmp_path):
     main = mod["main"].script()
     assert "R.call_tir(conv2d_nhwc_int8_packed" in main and "R.Tensor((1, 6, 6, 32), dtype=\"int32\")" in main and "R.strided_slice(" in main
     _agrees_with_ort_within_a_step(mod, model, draw)
+
+
+def dq_weight_matmul() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """x (float) @ DequantizeLinear(int8 weight, per-column scales): a QDQ model's MatMul whose activation is kept in
+    float (what the protection search leaves); an input, and the model's own arithmetic on it in float64."""
+    rng = np.random.default_rng(3)
+    wq = rng.integers(-127, 128, (64, 96)).astype(np.int8)
+    scale = rng.uniform(0.005, 0.02, 96).astype(np.float32)
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1), helper.make_node("MatMul", ["x", "w"], ["y"])]
+    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(scale, "ws"), numpy_helper.from_array(np.zeros(96, np.int8), "wz")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 96])], inits, opset=13)
+    x = rng.standard_normal((1, 16, 64)).astype(np.float32)
+    return model, x, x.astype(np.float64) @ (wq.astype(np.float64) * scale)
+
+
+def test_reference_of_a_qdq_model_is_its_own_arithmetic():
+    """ONNX Runtime's optimizer turns DequantizeLinear(int8 weight) + MatMul into MatMulNBits, which quantizes the float
+    activation too; the reference runs such a model without the optimizations."""
+    model, x, expected = dq_weight_matmul()
+    np.testing.assert_allclose(run_ort(model, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
