@@ -404,6 +404,34 @@ def rewrite(mod, target):
     return relax.transform.FastMathTransform()(out), summary
 
 
+def fold_dequantized_constants(mod):
+    """Every dequantize of a constant (an int8 weight whose op the rewrite left in float: its activation is kept in
+    float, or the target has no int8 dot product) folded into a float32 constant, so that the op reads a constant
+    weight and gets the float kernels (cpu_kernels' packed dense and conv, DLight's GEMM rule). TVM's FoldConstant
+    leaves relax.dequantize alone, and a matmul on a dequantized weight then ran TVM's default loop nest: 278 ms
+    against ONNX Runtime's 2.3 ms on a 128x384 by 384x1536 matmul, and 78 % of MiniLM's int8 run with 109 nodes in
+    float."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Folder(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", None) != "relax.dequantize":
+                return call
+            q, s, z = (_const(a) for a in call.args)
+            if q is None or s is None or z is None or str(call.attrs.out_dtype) != "float32":
+                return call
+            shape = [1] * q.ndim
+            if s.size > 1 or z.size > 1:
+                shape[call.attrs.axis % q.ndim] = -1
+            value = (q.astype(np.float32) - z.astype(np.float32).reshape(shape)) * s.astype(np.float32).reshape(shape)
+            return relax.const(value.astype(np.float32))
+
+    return mutate_functions(Folder(mod), mod)
+
+
 def singleton_qparams(mod):
     """Each quantize/dequantize's scalar scale and zero point as a one-element vector. TVM's legalization inlines a
     scalar constant into the kernel, so each tensor's scale made its kernels distinct tuning tasks (BERT-base: the 12

@@ -28,7 +28,7 @@ from .config import PipelineConfig, apply_tune_flags, load_config
 from .errors import AccuracyError, BudgetError, CompileError, InputError
 from .frontends import LoadedModel, load
 from .inputs import RANDOM_INPUT_RULE, InputSpec, index_ranges, random_inputs, resolve_inputs
-from .measure import compare, ort_session, run_ort, time_runs
+from .measure import compare, has_qdq, ort_session, run_ort, time_runs
 from .pass_manager import PassContext, run_passes
 from .report import BaselineReport, LatencyReport, MemoryReport, Report, StageTiming, to_markdown
 from .runtime import FORMAT_VERSION, LIBRARY, MANIFEST
@@ -231,6 +231,10 @@ def stage_import(job: Job) -> None:
         from .int8_kernels import apply
 
         apply(job)
+    if has_qdq(job.model):  # what the int8 rewrite left, or a QDQ model built in float: float kernels on float weights
+        from .int8_kernels import fold_dequantized_constants
+
+        job.relax_mod = fold_dequantized_constants(job.relax_mod)
 
 
 def stage_schedule(job: Job) -> None:

@@ -423,3 +423,35 @@ def test_reference_of_a_qdq_model_is_its_own_arithmetic():
     activation too; the reference runs such a model without the optimizations."""
     model, x, expected = dq_weight_matmul()
     np.testing.assert_allclose(run_ort(model, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dequantized_weights_fold_into_float_constants():
+    """A matmul whose weight is dequantize(constant) reads a float32 constant after fold_dequantized_constants (per
+    output channel: the scales along axis 1), so the float kernels take it; the values are the model's."""
+    import tvm
+    from tvm import relax
+    from tvm.ir.expr import Constant
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from autoglm_compile.int8_kernels import fold_dequantized_constants
+
+    model, x, expected = dq_weight_matmul()
+    mod = fold_dequantized_constants(from_onnx(model, shape_dict={"x": [1, 16, 64]}, keep_params_in_input=False))
+    assert "dequantize" not in mod.script()
+    (matmul,) = [c for c in _calls(mod) if c.op.name == "relax.matmul"]
+    weight = relax.analysis.get_var2val(mod["main"]).get(matmul.args[1], matmul.args[1])
+    assert isinstance(weight, Constant) and weight.value.numpy().dtype == np.float32
+    target = tvm.target.Target({"kind": "llvm"})
+    ex = relax.build(relax.get_default_pipeline(target)(mod), target, relax_pipeline=None)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _calls(mod) -> list:
+    from tvm import relax
+
+    found = []
+    for _gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, relax.Call) else None)
+    return found
