@@ -398,7 +398,32 @@ def contributions(prepared: onnx.ModelProto, units: list[str], qparams: dict, fe
 
 # ------------------------------------------------------------------------------------------------ protection
 
-def float_tensors(qdq: onnx.ModelProto, tensors) -> onnx.ModelProto:
+def quantized_weights(qdq: onnx.ModelProto, prepared: onnx.ModelProto) -> dict[str, float]:
+    """The constants of the prepared model that the QDQ model holds quantized (a conv's or matmul's weight and bias,
+    and whatever constants quantize_static quantized for the other ops), each with its quantization SQNR in dB."""
+    originals = {i.name: i for i in prepared.graph.initializer}
+    inits = {i.name: i for i in qdq.graph.initializer}
+    out = {}
+    for n in qdq.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        name = n.input[0].removesuffix("_quantized")
+        if name not in originals or name in out:
+            continue
+        x = numpy_helper.to_array(originals[name]).astype(np.float64)
+        q = numpy_helper.to_array(inits[n.input[0]]).astype(np.float64)
+        s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
+        z = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64) if len(n.input) > 2 and n.input[2] else np.zeros(1)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        if s.size > 1:
+            shape[axis % q.ndim] = -1
+        noise = float(np.linalg.norm(x - (q - z.reshape(shape if z.size > 1 else [1] * q.ndim)) * s.reshape(shape)))
+        out[name] = 20 * np.log10(max(float(np.linalg.norm(x)), 1e-12) / max(noise, 1e-12))
+    return out
+
+
+def float_tensors(qdq: onnx.ModelProto, tensors, prepared: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """The QDQ model with the activation tensors in `tensors` left in float: their QuantizeLinear/DequantizeLinear
     pairs removed, the readers of the dequantized tensor reading the float one. Everything else keeps its
     quantization (the weights of the nodes around such a tensor too), so a Conv whose output stays float still
@@ -421,6 +446,15 @@ def float_tensors(qdq: onnx.ModelProto, tensors) -> onnx.ModelProto:
     for n in nodes:
         n.input[:] = [rename.get(i, i) for i in n.input]
     nodes += [helper.make_node("Identity", [rename[o.name]], [o.name]) for o in m.graph.output if o.name in rename]
+    if prepared is not None:  # weights in `tensors` (quantized_weights): their readers read the float initializer
+        originals = {i.name: i for i in prepared.graph.initializer}
+        weight_dq = {n.output[0]: n.input[0].removesuffix("_quantized") for n in nodes if n.op_type == "DequantizeLinear"
+                     and n.input[0].removesuffix("_quantized") in names and n.input[0].removesuffix("_quantized") in originals}
+        nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in weight_dq)]
+        for n in nodes:
+            n.input[:] = [weight_dq.get(i, i) for i in n.input]
+        present = {i.name for i in m.graph.initializer}
+        m.graph.initializer.extend(originals[w] for w in dict.fromkeys(weight_dq.values()) if w not in present)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     return m
@@ -638,22 +672,25 @@ def quantize_graph(job) -> None:
             # inputs: on a few sample inputs alone it overfits them (MiniLM: met on 4 sentences, 7 of 222 others below
             # cosine 0.99)
             extra, extra_refs = hardest(kept, job.model, samples, budget, cfg.search_calibration)
-            tight = budget.tightened(cfg.margin)  # the TVM build's int8 arithmetic rounds differently from ONNX Runtime's
-            # The first of these whose start (every activation in float, the weights in int8) holds: with the margin on
-            # the verification inputs and calibration samples, then on the verification inputs alone (the weights'
-            # rounding alone can break the budget on some calibration samples: the PP-OCRv4 recognizer), then without
-            # the margin.
-            attempts = [(tight, feeds + extra, refs + extra_refs, len(extra)), (tight, feeds, refs, 0), (budget, feeds, refs, 0)]
-            for goal, search_feeds, search_refs, n_extra in attempts[0 if extra else 1:]:
-                measure = lambda fl, f=search_feeds, r=search_refs: evaluate(float_tensors(kept, fl), f, r, budget)  # noqa: E731
-                floats, v, trials, decided = search(order, measure, goal, cfg.max_rounds, note)
-                if goal.holds(v):
-                    break
-            search_budget = f"{goal.text} on {len(search_feeds)} input(s): the verification inputs and {n_extra} calibration sample(s)"
+            goal = budget.tightened(cfg.margin)  # the TVM build's int8 arithmetic rounds differently from ONNX Runtime's
+            # First the activations alone (the search starts with every activation in float and the weights in int8).
+            # Where the int8 weights alone already miss (the PP-OCRv4 recognizer's hardest calibration lines, MiniLM's
+            # shortest sentences), the weights are candidates too, the least rounded first: the search then starts
+            # from the float model, which always holds.
+            weights = quantized_weights(kept, prepared)
+            info.update({w: (None, db) for w, db in weights.items()})
+            search_feeds, search_refs = feeds + extra, refs + extra_refs
+            measure = lambda fl: evaluate(float_tensors(kept, fl, prepared), search_feeds, search_refs, budget)  # noqa: E731
+            floats, v, trials, decided = search(order, measure, goal, cfg.max_rounds, note)
+            with_weights = not goal.holds(trials[0][1])
+            if with_weights:
+                floats, v, trials, decided = search(sorted(weights, key=lambda w: -weights[w]) + order, measure, goal, cfg.max_rounds, note)
+            search_budget = (f"{goal.text} on {len(search_feeds)} input(s): the verification inputs and {len(extra)} calibration sample(s)"
+                             + ("; the weights were candidates too (in int8 they alone missed it)" if with_weights else ""))
             for r, (fl, tv) in enumerate(trials, 1):
                 nodes = set(keep) | {n.name for t in fl for n in ([producer[t]] if t in producer else []) + consumers[t]}
                 rounds.append(ProtectionRound(round=r, tensors=len(fl), float_nodes=len(nodes), value=tv, holds=goal.holds(tv)))
-            final = float_tensors(kept, floats)
+            final = float_tensors(kept, floats, prepared)
             v = evaluate(final, feeds, refs, budget)  # the budget's own inputs
             if budget.holds(v) or budget.better(v, value):
                 qdq, value, tensors = final, v, floats

@@ -237,6 +237,32 @@ def test_float_tensors_removes_only_their_pairs(tmp_path):
     np.testing.assert_allclose(run_ort(none, feed)[0], run_ort(rounded, feed)[0], rtol=1e-4, atol=1e-3)
 
 
+def test_float_tensors_with_the_weights_is_the_float_model(tmp_path):
+    """The weights are candidates too (quantized_weights: each with its quantization SQNR): with every activation and
+    every weight in float, the QDQ model computes the prepared float model; with one weight in float, only that
+    weight's DequantizeLinear is gone and its reader reads the float initializer."""
+    from autoglm_compile.quantize import activation_qparams, float_tensors, quantize, quantized_weights
+
+    prepared, path = prepare(sensitive_net(), per_channel=True, ir_version=8, folder=tmp_path)
+    samples = load_calibration(calib_file(tmp_path / "c.npz"), [X], limit=8)
+    qdq = quantize(path, tmp_path / "q.onnx", samples, tmp_path / "cache.json", "minmax", True, [], 8, keep_activations=True)
+    weights = quantized_weights(qdq, prepared)
+    assert {"w1", "w2"} <= set(weights)
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    w1 = numpy_helper.to_array(next(i for i in prepared.graph.initializer if i.name == "w1")).astype(np.float64)
+    rounded = inits["w1_quantized"].astype(np.float64) * inits["w1_scale"].reshape(-1, 1, 1, 1)
+    assert weights["w1"] == pytest.approx(20 * np.log10(np.linalg.norm(w1) / np.linalg.norm(w1 - rounded)))
+    one = float_tensors(qdq, ["w1"], prepared)
+    onnx.checker.check_model(one)
+    dequantized = lambda m: sorted(n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear")  # noqa: E731
+    assert dequantized(one) == sorted(t for t in dequantized(qdq) if t != "w1_quantized")
+    assert "w1" in {i.name for i in one.graph.initializer} and any("w1" in n.input for n in one.graph.node if n.op_type == "Conv")
+    everything = float_tensors(qdq, list(activation_qparams(qdq, prepared)) + list(weights), prepared)
+    assert [n for n in everything.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")] == []
+    feed = {"x": np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(everything, feed)[0], run_ort(prepared, feed)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_search_keeps_what_breaks_the_budget_even_when_errors_do_not_add_up():
     """search() on a made-up metric: 'bad' breaks the budget alone; 'p' and 'q' only together (each alone is fine),
     so one of them stays in float; the 5 others are harmless. Every accepted step holds, and the trial cap leaves
@@ -323,6 +349,33 @@ def test_sensitive_op_ends_up_in_float(tmp_path, scan):
     quantized = {o for n in qdq.graph.node if n.op_type == "QuantizeLinear" for o in n.input[:1]}
     assert "shifted" not in quantized and "x" in quantized  # the sensitive tensor is float, the input int8
     assert report.accuracy.ok and "Nodes kept in float" in (out / "report.md").read_text()
+
+
+def test_a_weight_that_int8_breaks_stays_float(tmp_path):
+    """A 1x1 conv whose output channels each have one weight of 100 on an input channel that a mask zeroes: per
+    channel, int8 rounds its other weights (about 0.5) to multiples of 100/127, so the int8 weights alone miss the
+    budget with every activation in float. The search then takes the weights as candidates too and keeps this one
+    in float; the conv's activations stay int8."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((8, 4, 1, 1)) * 0.5).astype(np.float32)
+    w[:, 0] = 100.0
+    mask = np.array([0, 1, 1, 1], np.float32).reshape(1, 4, 1, 1)
+    nodes = [helper.make_node("Mul", ["x", "mask"], ["masked"], name="mask_mul"), helper.make_node("Conv", ["masked", "w"], ["y"], name="conv")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+                       [numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(w, "w")], opset=13)
+    src = tmp_path / "weight.onnx"
+    onnx.save(model, str(src))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((8, 1, 4, 8, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    report = compile_model(CompileOptions(source=str(src), output=out, runs=1, precision="int8", calib_data=tmp_path / "c.npz"))
+    q = report.quantization
+    assert q.value_before < 0.99 <= q.value and q.ok and "the weights were candidates too" in q.search_budget
+    assert [(p.name, p.tensor) for p in q.protected if p.tensor == "w"] == [("conv", "w")]
+    qdq = onnx.load(str(out / "model.opt.onnx"))
+    conv = next(n for n in qdq.graph.node if n.op_type == "Conv")
+    assert conv.input[1] == "w" and conv.input[0].endswith("_DequantizeLinear_Output")  # float weight, int8 activation
+    assert report.accuracy.ok
 
 
 def test_keep_float_by_op_type(tmp_path):
