@@ -398,6 +398,11 @@ def contributions(prepared: onnx.ModelProto, units: list[str], qparams: dict, fe
 
 # ------------------------------------------------------------------------------------------------ protection
 
+def _weight_name(dq) -> str:
+    """The prepared model's name of the constant a DequantizeLinear reads (quantize_static stores it as NAME_quantized)."""
+    return dq.input[0].removesuffix("_quantized")
+
+
 def quantized_weights(qdq: onnx.ModelProto, prepared: onnx.ModelProto) -> dict[str, float]:
     """The constants of the prepared model that the QDQ model holds quantized (a conv's or matmul's weight and bias,
     and whatever constants quantize_static quantized for the other ops), each with its quantization SQNR in dB."""
@@ -407,18 +412,16 @@ def quantized_weights(qdq: onnx.ModelProto, prepared: onnx.ModelProto) -> dict[s
     for n in qdq.graph.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
             continue
-        name = n.input[0].removesuffix("_quantized")
+        name = _weight_name(n)
         if name not in originals or name in out:
             continue
         x = numpy_helper.to_array(originals[name]).astype(np.float64)
         q = numpy_helper.to_array(inits[n.input[0]]).astype(np.float64)
         s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
         z = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64) if len(n.input) > 2 and n.input[2] else np.zeros(1)
-        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-        shape = [1] * q.ndim
-        if s.size > 1:
-            shape[axis % q.ndim] = -1
-        noise = float(np.linalg.norm(x - (q - z.reshape(shape if z.size > 1 else [1] * q.ndim)) * s.reshape(shape)))
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % max(q.ndim, 1)
+        along = lambda a: a.reshape([-1 if d == axis and a.size > 1 else 1 for d in range(q.ndim)])  # noqa: E731 (per channel)
+        noise = float(np.linalg.norm(x - (q - along(z)) * along(s)))
         out[name] = 20 * np.log10(max(float(np.linalg.norm(x)), 1e-12) / max(noise, 1e-12))
     return out
 
@@ -429,7 +432,9 @@ def float_tensors(qdq: onnx.ModelProto, tensors, prepared: onnx.ModelProto | Non
     quantization (the weights of the nodes around such a tensor too), so a Conv whose output stays float still
     computes in int8 on TVM. qdq must keep its Relus and Clips (quantize's keep_activations): by default
     quantize_static drops them where the QuantizeLinear after them can clamp, and removing that pair then loses the
-    Relu (the PP-OCRv4 detector with every activation in float: cosine 0.0)."""
+    Relu (the PP-OCRv4 detector with every activation in float: cosine 0.0). With `prepared`, `tensors` may also name
+    quantized weights (quantized_weights): their DequantizeLinear goes, and its readers read the prepared model's
+    float initializer."""
     names = set(tensors)
     g = qdq.graph
     readers = defaultdict(list)
@@ -448,8 +453,7 @@ def float_tensors(qdq: onnx.ModelProto, tensors, prepared: onnx.ModelProto | Non
     nodes += [helper.make_node("Identity", [rename[o.name]], [o.name]) for o in m.graph.output if o.name in rename]
     if prepared is not None:  # weights in `tensors` (quantized_weights): their readers read the float initializer
         originals = {i.name: i for i in prepared.graph.initializer}
-        weight_dq = {n.output[0]: n.input[0].removesuffix("_quantized") for n in nodes if n.op_type == "DequantizeLinear"
-                     and n.input[0].removesuffix("_quantized") in names and n.input[0].removesuffix("_quantized") in originals}
+        weight_dq = {n.output[0]: _weight_name(n) for n in nodes if n.op_type == "DequantizeLinear" and _weight_name(n) in names and _weight_name(n) in originals}
         nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in weight_dq)]
         for n in nodes:
             n.input[:] = [weight_dq.get(i, i) for i in n.input]
@@ -684,6 +688,7 @@ def quantize_graph(job) -> None:
             floats, v, trials, decided = search(order, measure, goal, cfg.max_rounds, note)
             with_weights = not goal.holds(trials[0][1])
             if with_weights:
+                candidates += len(weights)
                 floats, v, trials, decided = search(sorted(weights, key=lambda w: -weights[w]) + order, measure, goal, cfg.max_rounds, note)
             search_budget = (f"{goal.text} on {len(search_feeds)} input(s): the verification inputs and {len(extra)} calibration sample(s)"
                              + ("; the weights were candidates too (in int8 they alone missed it)" if with_weights else ""))
