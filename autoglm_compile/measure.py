@@ -46,14 +46,19 @@ def has_qdq(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
-def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The model's outputs on ONNX Runtime, the reference. A QDQ model runs without ONNX Runtime's graph optimizations,
+def reference_session(model: onnx.ModelProto):
+    """ONNX Runtime on the model, as the reference. A QDQ model runs without ONNX Runtime's graph optimizations,
     i.e. with its own arithmetic (each QuantizeLinear rounds its float input, each DequantizeLinear is exact), which is
     what TVM builds: the optimizations fuse Q/DQ into kernels that compute otherwise. DequantizeLinear on an int8 weight
     before a MatMul with a float activation becomes MatMulNBits, which quantizes the activation too (on a 128x384 by
     384x1536 matmul, max abs error 0.38 where the model's arithmetic gives 2e-5), and QLinearMatMul/QLinearConv
     requantize in integers, which rounds some values to the next level."""
-    return ort_session(model, optimize=not has_qdq(model)).run(None, feeds)
+    return ort_session(model, optimize=not has_qdq(model))
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The model's outputs on ONNX Runtime, the reference (reference_session)."""
+    return reference_session(model).run(None, feeds)
 
 
 def compare(actual: list[np.ndarray], expected: list[np.ndarray], names: list[str], rtol: float, atol: float, budget=None) -> AccuracyReport:

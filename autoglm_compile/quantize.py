@@ -271,10 +271,10 @@ def quantize(prepared_path: Path, out: Path, samples, cache: Path, method: str, 
 
 def evaluate(model: onnx.ModelProto, feeds: list[dict], refs: list[list[np.ndarray]], budget: Budget) -> float:
     """The budget's metric of the model on ONNX Runtime, the worst over the outputs and the inputs. Without ONNX
-    Runtime's graph optimizations: the QDQ model's own arithmetic, which is what TVM builds (measure.run_ort)."""
-    from .measure import ort_session
+    Runtime's graph optimizations: the QDQ model's own arithmetic, which is what TVM builds (measure.reference_session)."""
+    from .measure import reference_session
 
-    sess = ort_session(model, optimize=False)
+    sess = reference_session(model)
     worst = None
     for f, ref in zip(feeds, refs):
         v = budget_value(budget, sess.run(None, f), ref)
@@ -305,6 +305,12 @@ def activation_qparams(qdq: onnx.ModelProto, prepared: onnx.ModelProto) -> dict[
         if scale.size == 1 and zp.size == 1:
             out[name] = (scale.reshape(()), zp.reshape(()))
     return out
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
+    """DequantizeLinear in numpy, float32: (q - zero_point) * scale, per tensor or along `axis` (per channel)."""
+    along = lambda a: np.asarray(a, np.float32).reshape([-1 if d == axis % q.ndim and np.size(a) > 1 else 1 for d in range(q.ndim)])  # noqa: E731
+    return (q.astype(np.float32) - along(zero_point)) * along(scale)
 
 
 def _fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
@@ -416,12 +422,9 @@ def quantized_weights(qdq: onnx.ModelProto, prepared: onnx.ModelProto) -> dict[s
         if name not in originals or name in out:
             continue
         x = numpy_helper.to_array(originals[name]).astype(np.float64)
-        q = numpy_helper.to_array(inits[n.input[0]]).astype(np.float64)
-        s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
-        z = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64) if len(n.input) > 2 and n.input[2] else np.zeros(1)
-        axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % max(q.ndim, 1)
-        along = lambda a: a.reshape([-1 if d == axis and a.size > 1 else 1 for d in range(q.ndim)])  # noqa: E731 (per channel)
-        noise = float(np.linalg.norm(x - (q - along(z)) * along(s)))
+        z = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else np.zeros(1)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        noise = float(np.linalg.norm(x - dequantize(numpy_helper.to_array(inits[n.input[0]]), numpy_helper.to_array(inits[n.input[1]]), z, axis)))
         out[name] = 20 * np.log10(max(float(np.linalg.norm(x)), 1e-12) / max(noise, 1e-12))
     return out
 
@@ -453,7 +456,7 @@ def float_tensors(qdq: onnx.ModelProto, tensors, prepared: onnx.ModelProto | Non
     nodes += [helper.make_node("Identity", [rename[o.name]], [o.name]) for o in m.graph.output if o.name in rename]
     if prepared is not None:  # weights in `tensors` (quantized_weights): their readers read the float initializer
         originals = {i.name: i for i in prepared.graph.initializer}
-        weight_dq = {n.output[0]: _weight_name(n) for n in nodes if n.op_type == "DequantizeLinear" and _weight_name(n) in names and _weight_name(n) in originals}
+        weight_dq = {n.output[0]: w for n in nodes if n.op_type == "DequantizeLinear" and (w := _weight_name(n)) in names and w in originals}
         nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in weight_dq)]
         for n in nodes:
             n.input[:] = [weight_dq.get(i, i) for i in n.input]
@@ -467,11 +470,11 @@ def float_tensors(qdq: onnx.ModelProto, tensors, prepared: onnx.ModelProto | Non
 def hardest(qdq: onnx.ModelProto, model: onnx.ModelProto, samples: list[dict], budget: Budget, n: int) -> tuple[list[dict], list[list[np.ndarray]]]:
     """The n calibration samples on which the QDQ model (every node quantized) is furthest from the float model, by
     the budget's metric, and the float model's outputs on them (ONNX Runtime both; the QDQ model as in evaluate)."""
-    from .measure import ort_session
+    from .measure import reference_session
 
     if n <= 0 or not samples:
         return [], []
-    float_sess, q_sess = ort_session(model), ort_session(qdq, optimize=False)
+    float_sess, q_sess = reference_session(model), reference_session(qdq)
     refs = [float_sess.run(None, f) for f in samples]
     values = [budget_value(budget, q_sess.run(None, f), r) for f, r in zip(samples, refs)]
     sign = 1.0 if budget.op == ">=" else -1.0
@@ -681,13 +684,13 @@ def quantize_graph(job) -> None:
             # Where the int8 weights alone already miss (the PP-OCRv4 recognizer's hardest calibration lines, MiniLM's
             # shortest sentences), the weights are candidates too, the least rounded first: the search then starts
             # from the float model, which always holds.
-            weights = quantized_weights(kept, prepared)
-            info.update({w: (None, db) for w, db in weights.items()})
             search_feeds, search_refs = feeds + extra, refs + extra_refs
             measure = lambda fl: evaluate(float_tensors(kept, fl, prepared), search_feeds, search_refs, budget)  # noqa: E731
             floats, v, trials, decided = search(order, measure, goal, cfg.max_rounds, note)
             with_weights = not goal.holds(trials[0][1])
             if with_weights:
+                weights = quantized_weights(kept, prepared)
+                info.update({w: (None, db) for w, db in weights.items()})
                 candidates += len(weights)
                 floats, v, trials, decided = search(sorted(weights, key=lambda w: -weights[w]) + order, measure, goal, cfg.max_rounds, note)
             search_budget = (f"{goal.text} on {len(search_feeds)} input(s): the verification inputs and {len(extra)} calibration sample(s)"
