@@ -251,12 +251,17 @@ def _compile_segment(job, seg: Segment, types) -> object:
     """Import, lower and build one TVM segment: its BuildResult, or the first line of why TVM failed. A CompileError
     other than UnsupportedError (--tune-strict, a bad strategy) is the user's and propagates."""
     from .errors import CompileError
+    from .measure import has_qdq
     from .tvm_build import ScheduleContext, build, import_relax, lower
 
     specs = [InputSpec(t, tuple(types[t][0]), types[t][1]) for t in seg.inputs]
     step = "import"
     try:
         mod = import_relax(seg.model, specs)
+        if has_qdq(seg.model):  # as in pipeline.stage_import: float kernels on float weights
+            from .int8_kernels import fold_dequantized_constants
+
+            mod = fold_dequantized_constants(mod)
         step = "lowering"
         ctx = ScheduleContext.from_config(job.target, job.config, job.progress)
         try:

@@ -291,6 +291,29 @@ def test_supported_model_has_no_segments(built_artifact):
     assert "segments" not in m and m["library"] == "model.so"
 
 
+def test_a_qdq_segment_reads_float_weights(tmp_path, monkeypatch):
+    """A QDQ model's TVM segment gets its dequantized constant weights folded into float32 constants, as a whole-model
+    build does (pipeline.stage_import): the module lowered has no dequantize left, and the build matches."""
+    import autoglm_compile.tvm_build as tb
+
+    rng = np.random.default_rng(4)
+    wq = numpy_helper.from_array(rng.integers(-127, 128, (8, 8)).astype(np.int8), "wq")
+    ws = numpy_helper.from_array(rng.uniform(0.01, 0.02, 8).astype(np.float32), "ws")
+    wz = numpy_helper.from_array(np.zeros(8, np.int8), "wz")
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1, name="dq"),
+             helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+             helper.make_node("Celu", ["a"], ["y"], name="celu", alpha=0.5)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [wq, ws, wz])
+    lowered, real = [], tb.lower
+    monkeypatch.setattr(tb, "lower", lambda mod, *a, **k: (lowered.append(mod.script()), real(mod, *a, **k))[1])
+    path = tmp_path / "qdq_celu.onnx"
+    onnx.save(model, str(path))
+    report = compile_model(CompileOptions(source=str(path), output=tmp_path / "out", runs=2))
+    assert report.accuracy.ok and [s.backend for s in report.fallback.segments] == ["tvm", "onnxruntime"]
+    assert len(lowered) == 1 and "matmul" in lowered[0] and "dequantize" not in lowered[0]
+
+
 # ---------------------------------------------------------------------------------------------- --backend auto
 
 def _ort_timed_at(monkeypatch, p50_ms):
