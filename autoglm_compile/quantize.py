@@ -224,26 +224,66 @@ def prepare(model: onnx.ModelProto, per_channel: bool, ir_version: int, folder: 
     return prepared, out
 
 
-def calibrate(prepared_path: Path, samples, method: str, cache: Path) -> None:
+WIDE = 1e38  # a tensor reaching this magnitude overflows a float32 histogram's range (2 x 1.7e38 is inf)
+
+
+class _FiniteHistograms:
+    """ONNX Runtime's HistogramCollector (entropy, percentile) for the tensors it can histogram. A tensor whose values
+    reach WIDE (an additive attention mask's -3.4e38, as in every transformers export) makes its float32 bin edges
+    overflow ("Too many bins for data range"): it gets MinMax's range instead, its lowest and highest values."""
+
+    def __init__(self, inner):
+        self.inner, self.wide = inner, {}
+
+    def collect(self, name_to_arr: dict[str, list[np.ndarray]]) -> None:
+        fine = {}
+        for name, arrays in name_to_arr.items():
+            flat = np.concatenate([np.ravel(a) for a in arrays])
+            lo, hi = (float(np.nanmin(flat)), float(np.nanmax(flat))) if flat.size else (0.0, 0.0)
+            if max(abs(lo), abs(hi)) < WIDE:
+                fine[name] = arrays
+            else:
+                old = self.wide.get(name, (lo, hi))
+                self.wide[name] = (min(lo, old[0]), max(hi, old[1]))
+        if fine:
+            self.inner.collect(fine)
+
+    def compute_collection_result(self) -> dict:
+        from onnxruntime.quantization.calibrate import TensorData
+
+        result = dict(self.inner.compute_collection_result()) if self.inner.histogram_dict else {}
+        for name, (lo, hi) in self.wide.items():
+            result[name] = TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+        return result
+
+
+def calibrate(prepared_path: Path, samples, method: str, cache: Path) -> list[str]:
     """ONNX Runtime's calibrator over the samples, its ranges written to the calibration cache that quantize_static
     reads. Run here rather than inside quantize_static for one setting: quantize_static builds the Entropy
     calibrator with 128 histogram bins into 128 quantized bins, which leaves nothing to clip (the ranges come out
     equal to MinMax's); here it gets 2048 bins into 128, TensorRT's setting. MinMax and Percentile keep ONNX
-    Runtime's defaults (Percentile: 2048 bins, 99.999th percentile, symmetric)."""
+    Runtime's defaults (Percentile: 2048 bins, 99.999th percentile, symmetric). Returns the tensors that a histogram
+    method could not histogram and that took MinMax's range (_FiniteHistograms)."""
     from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import HistogramCalibrater, HistogramCollector, create_calibrator, save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     extra = {"num_bins": 2048, "num_quantized_bins": 128} if method == "entropy" else {}
     with tempfile.TemporaryDirectory(prefix="autoglm-calib-") as tmp:
         calibrator = create_calibrator(Path(prepared_path), sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=getattr(CalibrationMethod, METHODS[method]), extra_options=extra)
+        collector = None
+        if isinstance(calibrator, HistogramCalibrater):  # collect_data uses a collector already set
+            c = calibrator
+            calibrator.collector = collector = _FiniteHistograms(HistogramCollector(
+                method=c.method, symmetric=c.symmetric, num_bins=c.num_bins, num_quantized_bins=c.num_quantized_bins, percentile=c.percentile, scenario=c.scenario))
         try:
             calibrator.collect_data(_reader(samples))
             save_tensors_data(calibrator.compute_data(), cache)
-        except ValueError as e:  # e.g. entropy's histogram of a tensor holding -3.4e38 (an attention mask)
+        except ValueError as e:
             raise InputError(f"--calib-method {method}: ONNX Runtime's calibrator failed: {str(e).strip().splitlines()[0][:200]}",
                              "use --calib-method minmax or percentile, or keep the tensor's nodes in float (precision.keep_float)") from None
+    return sorted(collector.wide) if collector else []
 
 
 def quantize(prepared_path: Path, out: Path, samples, cache: Path, method: str, per_channel: bool, exclude: list[str], ir_version: int,
@@ -648,6 +688,10 @@ def quantize_graph(job) -> None:
             return qdq, evaluate(qdq, feeds, refs, budget)
 
         note(f"int8: calibrating on {len(samples)} sample(s) ({cal.method})")
+        wide = calibrate(prepared_path, samples, cal.method, cache)
+        if wide:
+            job.report.warnings.append(f"--calib-method {cal.method}: {len(wide)} tensor(s) reach {WIDE:.0e} in magnitude (an additive attention mask?), "
+                                       f"which its histogram cannot hold: they took MinMax's range ({', '.join(wide[:3])}{', ...' if len(wide) > 3 else ''})")
         qdq, value = run(keep)
         first = value
         rounds = [ProtectionRound(round=0, tensors=0, float_nodes=len(keep), value=value, holds=budget.holds(value))]

@@ -492,15 +492,34 @@ def test_config_int8_wins_over_the_npu_fp16_preference(tmp_path):
     assert resolve_config(CompileOptions(source="m.onnx"), target).precision == "fp16"
 
 
-def test_entropy_calibration_failure_is_a_user_error(tmp_path):
-    """ONNX Runtime's entropy calibrator cannot histogram a tensor holding -3.4e38 (an additive attention mask, as
-    in MiniLM): one line and a hint (exit 2), not a traceback."""
+def masked_net() -> onnx.ModelProto:
+    """x + an additive attention mask holding -3.4e38 (as in every transformers export), then Softmax."""
     mask = np.zeros((1, 3, 16, 16), np.float32)
     mask[..., :4] = np.finfo(np.float32).min
-    nodes = [helper.make_node("Add", ["x", "mask"], ["masked"], name="mask_add"), helper.make_node("Relu", ["masked"], ["y"], name="relu")]
+    nodes = [helper.make_node("Add", ["x", "mask"], ["masked"], name="mask_add"), helper.make_node("Softmax", ["masked"], ["y"], name="softmax", axis=-1)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])], [numpy_helper.from_array(mask, "mask")])
+
+
+def test_entropy_calibration_takes_minmax_for_a_mask(tmp_path):
+    """ONNX Runtime's entropy histogram cannot hold a tensor reaching -3.4e38 (it failed: "Too many bins for data
+    range"): that tensor gets MinMax's range, the others entropy's clipped one."""
+    from autoglm_compile.quantize import activation_qparams, calibrate, quantize
+
+    prepared, path = prepare(masked_net(), per_channel=True, ir_version=8, folder=tmp_path)
+    samples = load_calibration(calib_file(tmp_path / "c.npz"), [X], limit=8)
+    assert calibrate(path, samples, "entropy", tmp_path / "entropy.json") == ["masked"]
+    scale = {m: activation_qparams(quantize(path, tmp_path / f"{m}.onnx", samples, tmp_path / f"{m}.json", m, True, [], 8), prepared)
+             for m in ("entropy", "minmax")}
+    assert scale["entropy"]["masked"][0] == scale["minmax"]["masked"][0] > 1e35
+    assert scale["entropy"]["x"][0] < scale["minmax"]["x"][0]
+
+
+def test_entropy_calibration_of_a_masked_model_builds(tmp_path):
     src = tmp_path / "masked.onnx"
-    onnx.save(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])], [numpy_helper.from_array(mask, "mask")]), str(src))
-    result = invoke(src, "--precision", "int8", "--calib-data", calib_file(tmp_path / "c.npz"), "--calib-method", "entropy", "-o", tmp_path / "out")
-    assert_user_error(result, 2, "--calib-method entropy: ONNX Runtime's calibrator failed", "use --calib-method minmax or percentile")
-    assert not (tmp_path / "out").exists()
+    onnx.save(masked_net(), str(src))
+    result = invoke(src, "--precision", "int8", "--calib-data", calib_file(tmp_path / "c.npz"), "--calib-method", "entropy", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert any(w.startswith("--calib-method entropy: 1 tensor(s) reach 1e+38") and "(masked)" in w for w in report["warnings"])
+    assert report["quantization"]["calibration"]["method"] == "entropy"
