@@ -12,7 +12,8 @@ alternating rounds, each contender in its own process:
   - ONNX Runtime int8: the int8 artifact's model.opt.onnx (the QDQ model, its protected nodes in float), and ONNX
     Runtime fp32: the fp32 artifact's model.opt.onnx; all graph optimizations, intra-op threads T, inter-op 1.
 With T below the machine's cores every process runs under `taskset` on the same last T cores. p50 and min over
-`--runs` runs (or those that fit in `--max-seconds`, at least 5) after 10 warm-up runs.
+`--runs` runs (or those that fit in `--max-seconds`, at least 5) after 10 warm-up runs. `--profile N` adds where
+the time goes over N more runs: our VM's functions, and ONNX Runtime's nodes from its profiler.
 """
 from __future__ import annotations
 
@@ -83,7 +84,34 @@ def one(args) -> None:
         call()
         times.append((time.perf_counter() - t0) * 1e3)
     row.update(p50_ms=statistics.median(times), min_ms=min(times), runs=len(times))
+    if args.profile:
+        row["profile"] = _profile(args, m if args.kind == "ours" else None, art, feeds)
     print(json.dumps(row))
+
+
+def _profile(args, model, art: Path, feeds: dict) -> list[dict]:
+    """Where the time goes, the 20 slowest first (ms per run over --profile runs): our VM's functions (runtime.profile),
+    or ONNX Runtime's nodes from its own profiler (the "Node" events, summed per node)."""
+    if model is not None:
+        return [{"name": k.name, "calls": k.calls, "ms": k.ms} for k in model.profile(feeds, args.profile)][:20]
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = args.threads, 1, 3
+    so.enable_profiling, so.profile_file_prefix = True, "/tmp/cpu_remote_ort"
+    sess = ort.InferenceSession(str(art / "model.opt.onnx"), so, providers=["CPUExecutionProvider"])
+    for _ in range(args.profile + 1):
+        sess.run(None, feeds)
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+    first = min((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])  # a warm-up run, left out
+    nodes: dict[str, list] = {}
+    for e in trace:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > first["ts"] + first["dur"]:
+            n = nodes.setdefault(e["name"].removesuffix("_kernel_time"), [e["args"].get("op_name", "?"), 0, 0.0])
+            n[1] += 1
+            n[2] += e["dur"] / 1e3
+    rows = [{"name": f"{op} {name}", "calls": c // args.profile, "ms": ms / args.profile} for name, (op, c, ms) in nodes.items()]
+    return sorted(rows, key=lambda r: -r["ms"])[:20]
 
 
 def run(args) -> None:
@@ -108,7 +136,7 @@ def run(args) -> None:
             for r in range(args.rounds):
                 for label, kind, art in contenders:
                     proc = subprocess.run(pin + [sys.executable, __file__, "one", kind, str(art), "--threads", str(threads), "--runs", str(args.runs),
-                                                 "--max-seconds", str(args.max_seconds)],
+                                                 "--max-seconds", str(args.max_seconds), "--profile", str(args.profile)],
                                           capture_output=True, text=True)
                     row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-1500:]}
                     row.update(model=name, contender=label, threads=threads, round=r + 1)
@@ -130,6 +158,7 @@ def main() -> None:
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--max-seconds", type=float, default=4.0)
+    b.add_argument("--profile", type=int, default=0, help="N: also where the time goes, over N runs (the 20 slowest kernels/nodes)")
     b.add_argument("--out", required=True)
     c = sub.add_parser("one")
     c.add_argument("kind", choices=["ours", "ort"])
@@ -137,6 +166,7 @@ def main() -> None:
     c.add_argument("--threads", type=int, required=True)
     c.add_argument("--runs", type=int, required=True)
     c.add_argument("--max-seconds", type=float, required=True)
+    c.add_argument("--profile", type=int, default=0)
     args = p.parse_args()
     {"pack": pack, "run": run, "one": one}[args.cmd](args)
 
