@@ -91,7 +91,7 @@ def one(args) -> None:
 
 def _profile(args, model, art: Path, feeds: dict) -> list[dict]:
     """Where the time goes, the 20 slowest first (ms per run over --profile runs): our VM's functions (runtime.profile),
-    or ONNX Runtime's nodes from its own profiler (the "Node" events, summed per node)."""
+    or ONNX Runtime's nodes from its own profiler (the "Node" events, summed per node), then its totals per op type."""
     if model is not None:
         return [{"name": k.name, "calls": k.calls, "ms": k.ms} for k in model.profile(feeds, args.profile)][:20]
     import onnxruntime as ort
@@ -111,7 +111,12 @@ def _profile(args, model, art: Path, feeds: dict) -> list[dict]:
             n[1] += 1
             n[2] += e["dur"] / 1e3
     rows = [{"name": f"{op} {name}", "calls": c // args.profile, "ms": ms / args.profile} for name, (op, c, ms) in nodes.items()]
-    return sorted(rows, key=lambda r: -r["ms"])[:20]
+    ops: dict[str, dict] = {}
+    for op, c, ms in nodes.values():  # and every op type's total, so that the top 20 nodes are not all there is
+        t = ops.setdefault(op, {"name": f"{op} (all)", "calls": 0, "ms": 0.0})
+        t["calls"] += c // args.profile
+        t["ms"] += ms / args.profile
+    return sorted(rows, key=lambda r: -r["ms"])[:20] + sorted(ops.values(), key=lambda r: -r["ms"])
 
 
 def run(args) -> None:
