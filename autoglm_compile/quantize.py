@@ -238,8 +238,8 @@ class _FiniteHistograms:
     def collect(self, name_to_arr: dict[str, list[np.ndarray]]) -> None:
         fine = {}
         for name, arrays in name_to_arr.items():
-            flat = np.concatenate([np.ravel(a) for a in arrays])
-            lo, hi = (float(np.nanmin(flat)), float(np.nanmax(flat))) if flat.size else (0.0, 0.0)
+            sized = [a for a in arrays if a.size]
+            lo, hi = (min(float(np.nanmin(a)) for a in sized), max(float(np.nanmax(a)) for a in sized)) if sized else (0.0, 0.0)
             if max(abs(lo), abs(hi)) < WIDE:
                 fine[name] = arrays
             else:

@@ -1,6 +1,6 @@
 """Host-CPU int8 on a CPU this machine lacks: artifacts cross-built here, timed there against ONNX Runtime in one run.
 
-    python benchmarks/cpu_remote.py pack ARTIFACT [ARTIFACT ...] -o DIR
+    python benchmarks/device_artifacts.py pack ARTIFACT [ARTIFACT ...] -o DIR --with-onnx     (here)
         DIR/<name>.tar.xz of each artifact, model.opt.onnx included (ONNX Runtime runs it there)
     python benchmarks/cpu_remote.py run DIR --pairs NAME=INT8,FP32 ... --threads 2 16 --rounds 3 [--runs 50 --max-seconds 4] --out results.json
         (there, with the TVM runtime and onnxruntime importable)
@@ -29,17 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def pack(args) -> None:
-    out = Path(args.o)
-    out.mkdir(parents=True, exist_ok=True)
-    for a in args.artifacts:
-        src = Path(a)
-        dest = out / f"{src.name}.tar.xz"
-        with tarfile.open(dest, "w:xz", preset=6) as tar:
-            tar.add(src, arcname=src.name)
-        print(f"{dest}: {dest.stat().st_size / 2**20:.1f} MiB")
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -153,9 +142,6 @@ def run(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("pack")
-    a.add_argument("artifacts", nargs="+")
-    a.add_argument("-o", required=True)
     b = sub.add_parser("run")
     b.add_argument("dir")
     b.add_argument("--pairs", nargs="+", required=True, help="NAME=INT8_ARTIFACT,FP32_ARTIFACT (folder names in DIR)")
@@ -173,7 +159,7 @@ def main() -> None:
     c.add_argument("--max-seconds", type=float, required=True)
     c.add_argument("--profile", type=int, default=0)
     args = p.parse_args()
-    {"pack": pack, "run": run, "one": one}[args.cmd](args)
+    {"run": run, "one": one}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
         MODEL.onnx with every float weight rounded to LEVELS values per tensor (mean + std * a few steps), so that
         an artifact holding the weights compresses under the device tool's 64 MiB transfer limit. Latency does not
         depend on the values; ONNX Runtime's reference outputs come from the same rounded model.
-    python benchmarks/device_artifacts.py pack ARTIFACT [ARTIFACT ...] -o DIR
-        DIR/<name>.tar.xz of each artifact without model.opt.onnx (not needed to run it)
+    python benchmarks/device_artifacts.py pack ARTIFACT [ARTIFACT ...] -o DIR [--with-onnx]
+        DIR/<name>.tar.xz of each artifact without model.opt.onnx (not needed to run it; --with-onnx keeps it, for
+        ONNX Runtime there: benchmarks/cpu_remote.py)
     python benchmarks/device_artifacts.py run DIR --bundle BUNDLE --out results.json     (on the GPU machine)
         unpack, then in a fresh `python -S` process with only BUNDLE and numpy on the path (TVM_USE_RUNTIME_LIB=1,
         compiling CUDA source at load refused): autoglm_compile.load() each artifact, and for each of its buckets
@@ -90,7 +91,7 @@ def pack(args) -> None:
         src = Path(a)
         dest = out / f"{src.name}.tar.xz"
         with tarfile.open(dest, "w:xz", preset=6) as tar:
-            tar.add(src, arcname=src.name, filter=lambda ti: None if ti.name.endswith("model.opt.onnx") else ti)
+            tar.add(src, arcname=src.name, filter=lambda ti: None if ti.name.endswith("model.opt.onnx") and not args.with_onnx else ti)
         print(f"{dest}: {dest.stat().st_size / 2**20:.1f} MiB")
 
 
@@ -135,6 +136,7 @@ def main() -> None:
     b = sub.add_parser("pack")
     b.add_argument("artifacts", nargs="+")
     b.add_argument("-o", required=True)
+    b.add_argument("--with-onnx", action="store_true", help="keep model.opt.onnx")
     c = sub.add_parser("run")
     c.add_argument("dir")
     c.add_argument("--bundle", required=True)
